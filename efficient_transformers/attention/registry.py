@@ -1,0 +1,99 @@
+"""The attention registry: names -> module classes, and the one factory.
+
+Variants register themselves by decorating their module class:
+
+    @registry.register("softmax")
+    class SoftmaxAttention(MultiHeadAttention): ...
+
+Configs select a variant by name (`config.model.attention`) with keyword
+arguments in `config.model.attention_kwargs`; `make` validates both against
+the registered class so a typo becomes an error naming the valid choices.
+"""
+
+import inspect
+
+from flax import nnx
+
+from efficient_transformers.errors import ConfigError
+
+_REGISTRY: dict[str, type] = {}
+
+# Arguments every variant takes through `make`; the rest are variant kwargs.
+_COMMON = ("in_features", "num_heads", "head_dim", "dropout_rate", "causal", "rngs")
+
+
+def register(name: str):
+  """Class decorator adding an attention module class under `name`."""
+
+  def wrap(cls):
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+      raise ValueError(f"attention {name!r} is registered twice")
+    _REGISTRY[name] = cls
+    cls.registered_name = name
+    return cls
+
+  return wrap
+
+
+def available() -> list[str]:
+  """The registered attention names, sorted."""
+  return sorted(_REGISTRY)
+
+
+def get_class(name: str) -> type:
+  if name not in _REGISTRY:
+    raise ConfigError(
+        f"Unknown attention {name!r}. Valid names: {', '.join(available())}. "
+        "Set config.model.attention (or the config arg attention=NAME) to one of them."
+    )
+  return _REGISTRY[name]
+
+
+def variant_kwargs(name: str) -> dict[str, inspect.Parameter]:
+  """The keyword arguments specific to variant `name` (beyond the common ones)."""
+  sig = inspect.signature(get_class(name).__init__)
+  return {
+      k: p
+      for k, p in sig.parameters.items()
+      if k != "self" and k not in _COMMON and p.kind is p.KEYWORD_ONLY
+  }
+
+
+def make(
+    name: str,
+    *,
+    in_features: int,
+    num_heads: int,
+    head_dim: int,
+    dropout_rate: float = 0.0,
+    causal: bool = False,
+    rngs: nnx.Rngs,
+    **kwargs,
+) -> nnx.Module:
+  """Builds attention variant `name`.
+
+  Returns a module called as `module(x, *, mask=None, deterministic=True) -> y`
+  with `y.shape == x.shape`.
+
+  Raises:
+    ConfigError: for an unknown name (listing the valid ones) or a keyword
+      argument the variant does not take (listing the ones it does).
+  """
+  cls = get_class(name)
+  allowed = variant_kwargs(name)
+  unknown = sorted(set(kwargs) - set(allowed))
+  if unknown:
+    valid = ", ".join(sorted(allowed)) or "none"
+    raise ConfigError(
+        f"attention {name!r} got unknown keyword argument(s) {unknown} "
+        f"(config.model.attention_kwargs). Valid for {name!r}: {valid}."
+    )
+  return cls(
+      in_features=in_features,
+      num_heads=num_heads,
+      head_dim=head_dim,
+      dropout_rate=dropout_rate,
+      causal=causal,
+      rngs=rngs,
+      **kwargs,
+  )

@@ -1,0 +1,57 @@
+"""Exact softmax attention in plain XLA: the reference every variant is pinned to.
+
+Vaswani et al., "Attention Is All You Need" (2017). Cost: O(L^2 d) time and
+O(L^2) memory per head (it materializes the [q_len, kv_len] logits).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from efficient_transformers.attention import masking
+from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.registry import register
+
+
+def softmax_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    causal: bool = False,
+) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v, computed in float32.
+
+  Args:
+    q: [batch, q_length, heads, head_dim].
+    k, v: [batch, kv_length, heads, head_dim].
+    mask: [batch, kv_length] bool, True = real token; or None.
+    causal: query i sees keys j <= i only.
+
+  Returns:
+    [batch, q_length, heads, head_dim] in q's dtype. Rows of padded queries
+    (self-attention) and rows with no visible key are zeros.
+  """
+  masking.check_qkv("softmax", q, k, v, mask)
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  keep = masking.logits_bias(
+      mask, q_length=q.shape[1], kv_length=k.shape[1], causal=causal
+  )
+  if keep is not None:
+    logits = jnp.where(keep, logits, masking.large_negative(jnp.float32))
+  weights = jax.nn.softmax(logits, axis=-1)
+  if keep is not None:
+    # A row with no visible key would average all values uniformly; make it 0.
+    weights = jnp.where(keep.any(axis=-1, keepdims=True), weights, 0.0)
+  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+  return masking.zero_padded_queries(out, mask).astype(q.dtype)
+
+
+@register("softmax")
+class SoftmaxAttention(MultiHeadAttention):
+  """Multi-head exact attention with the plain XLA reference kernel."""
+
+  def attend(self, q, k, v, *, mask, deterministic):
+    del deterministic
+    return softmax_attention(q, k, v, mask=mask, causal=self.causal)
