@@ -13,17 +13,24 @@ from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import available, get_class, make, register
 
-# Variant modules register themselves on import.
-from efficient_transformers.attention import softmax  # noqa: E402,I001
+# isort: split
+# Variant modules register themselves on import, so they come after the registry.
+from efficient_transformers.attention import dot_product, memory_efficient, softmax
+from efficient_transformers.attention.dot_product import dot_product_attention
+from efficient_transformers.attention.memory_efficient import memory_efficient_attention
 from efficient_transformers.attention.softmax import softmax_attention
 
 __all__ = [
-    "MultiHeadAttention",
-    "available",
-    "get_class",
-    "make",
-    "masking",
-    "register",
-    "softmax",
-    "softmax_attention",
+  "MultiHeadAttention",
+  "available",
+  "dot_product",
+  "dot_product_attention",
+  "get_class",
+  "make",
+  "masking",
+  "memory_efficient",
+  "memory_efficient_attention",
+  "register",
+  "softmax",
+  "softmax_attention",
 ]

@@ -36,16 +36,16 @@ class MultiHeadAttention(nnx.Module):
   """
 
   def __init__(
-      self,
-      *,
-      in_features: int,
-      num_heads: int,
-      head_dim: int,
-      dropout_rate: float = 0.0,
-      causal: bool = False,
-      rngs: nnx.Rngs,
-      dtype: jnp.dtype | None = None,
-      param_dtype: jnp.dtype = jnp.float32,
+    self,
+    *,
+    in_features: int,
+    num_heads: int,
+    head_dim: int,
+    dropout_rate: float = 0.0,
+    causal: bool = False,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
   ):
     self.in_features = in_features
     self.num_heads = num_heads
@@ -55,44 +55,44 @@ class MultiHeadAttention(nnx.Module):
 
     def projection():
       return nnx.LinearGeneral(
-          in_features,
-          (num_heads, head_dim),
-          dtype=dtype,
-          param_dtype=param_dtype,
-          kernel_metadata=param_axes(*QKV_KERNEL_AXES),
-          bias_metadata=param_axes(*QKV_BIAS_AXES),
-          rngs=rngs,
+        in_features,
+        (num_heads, head_dim),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_metadata=param_axes(*QKV_KERNEL_AXES),
+        bias_metadata=param_axes(*QKV_BIAS_AXES),
+        rngs=rngs,
       )
 
     self.query = projection()
     self.key = projection()
     self.value = projection()
     self.out = nnx.LinearGeneral(
-        (num_heads, head_dim),
-        in_features,
-        axis=(-2, -1),
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_metadata=param_axes(*OUT_KERNEL_AXES),
-        bias_metadata=param_axes(*OUT_BIAS_AXES),
-        rngs=rngs,
+      (num_heads, head_dim),
+      in_features,
+      axis=(-2, -1),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_metadata=param_axes(*OUT_KERNEL_AXES),
+      bias_metadata=param_axes(*OUT_BIAS_AXES),
+      rngs=rngs,
     )
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
   def attend(
-      self,
-      q: jax.Array,
-      k: jax.Array,
-      v: jax.Array,
-      *,
-      mask: jax.Array | None,
-      deterministic: bool,
+    self,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None,
+    deterministic: bool,
   ) -> jax.Array:
     """Runs the variant's pure attention function; returns [batch, q_len, heads, head_dim]."""
     raise NotImplementedError
 
   def __call__(
-      self, x: jax.Array, *, mask: jax.Array | None = None, deterministic: bool = True
+    self, x: jax.Array, *, mask: jax.Array | None = None, deterministic: bool = True
   ) -> jax.Array:
     """Self-attention over `x` [batch, length, in_features]; returns the same shape."""
     q, k, v = self.query(x), self.key(x), self.value(x)

@@ -15,13 +15,13 @@ def large_negative(dtype) -> float:
 
 
 def logits_bias(
-    mask: jax.Array | None,
-    *,
-    q_length: int,
-    kv_length: int,
-    causal: bool,
-    q_offset: jax.Array | int = 0,
-    kv_offset: jax.Array | int = 0,
+  mask: jax.Array | None,
+  *,
+  q_length: int,
+  kv_length: int,
+  causal: bool,
+  q_offset: jax.Array | int = 0,
+  kv_offset: jax.Array | int = 0,
 ) -> jax.Array | None:
   """Boolean keep-mask [batch or 1, 1, q_block, kv_block] for a (sub)block of logits.
 
@@ -64,12 +64,10 @@ def check_qkv(name: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
   """Validates shapes against the contract; raises ValueError naming `name`."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(
-        f"{name}: q, k, v must be [batch, length, heads, head_dim]; got shapes "
-        f"{q.shape}, {k.shape}, {v.shape}."
+      f"{name}: q, k, v must be [batch, length, heads, head_dim]; got shapes "
+      f"{q.shape}, {k.shape}, {v.shape}."
     )
   if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
     raise ValueError(f"{name}: incompatible q {q.shape}, k {k.shape}, v {v.shape}.")
   if mask is not None and (mask.ndim != 2 or mask.shape != k.shape[:2]):
-    raise ValueError(
-        f"{name}: mask must be [batch, kv_length] = {k.shape[:2]}; got {mask.shape}."
-    )
+    raise ValueError(f"{name}: mask must be [batch, kv_length] = {k.shape[:2]}; got {mask.shape}.")

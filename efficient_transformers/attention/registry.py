@@ -43,8 +43,8 @@ def available() -> list[str]:
 def get_class(name: str) -> type:
   if name not in _REGISTRY:
     raise ConfigError(
-        f"Unknown attention {name!r}. Valid names: {', '.join(available())}. "
-        "Set config.model.attention (or the config arg attention=NAME) to one of them."
+      f"Unknown attention {name!r}. Valid names: {', '.join(available())}. "
+      "Set config.model.attention (or the config arg attention=NAME) to one of them."
     )
   return _REGISTRY[name]
 
@@ -53,22 +53,22 @@ def variant_kwargs(name: str) -> dict[str, inspect.Parameter]:
   """The keyword arguments specific to variant `name` (beyond the common ones)."""
   sig = inspect.signature(get_class(name).__init__)
   return {
-      k: p
-      for k, p in sig.parameters.items()
-      if k != "self" and k not in _COMMON and p.kind is p.KEYWORD_ONLY
+    k: p
+    for k, p in sig.parameters.items()
+    if k != "self" and k not in _COMMON and p.kind is p.KEYWORD_ONLY
   }
 
 
 def make(
-    name: str,
-    *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    **kwargs,
+  name: str,
+  *,
+  in_features: int,
+  num_heads: int,
+  head_dim: int,
+  dropout_rate: float = 0.0,
+  causal: bool = False,
+  rngs: nnx.Rngs,
+  **kwargs,
 ) -> nnx.Module:
   """Builds attention variant `name`.
 
@@ -85,15 +85,15 @@ def make(
   if unknown:
     valid = ", ".join(sorted(allowed)) or "none"
     raise ConfigError(
-        f"attention {name!r} got unknown keyword argument(s) {unknown} "
-        f"(config.model.attention_kwargs). Valid for {name!r}: {valid}."
+      f"attention {name!r} got unknown keyword argument(s) {unknown} "
+      f"(config.model.attention_kwargs). Valid for {name!r}: {valid}."
     )
   return cls(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      **kwargs,
+    in_features=in_features,
+    num_heads=num_heads,
+    head_dim=head_dim,
+    dropout_rate=dropout_rate,
+    causal=causal,
+    rngs=rngs,
+    **kwargs,
   )

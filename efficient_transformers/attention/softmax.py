@@ -13,12 +13,12 @@ from efficient_transformers.attention.registry import register
 
 
 def softmax_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    mask: jax.Array | None = None,
-    causal: bool = False,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
 ) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v, computed in float32.
 
@@ -35,9 +35,7 @@ def softmax_attention(
   masking.check_qkv("softmax", q, k, v, mask)
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  keep = masking.logits_bias(
-      mask, q_length=q.shape[1], kv_length=k.shape[1], causal=causal
-  )
+  keep = masking.logits_bias(mask, q_length=q.shape[1], kv_length=k.shape[1], causal=causal)
   if keep is not None:
     logits = jnp.where(keep, logits, masking.large_negative(jnp.float32))
   weights = jax.nn.softmax(logits, axis=-1)

@@ -36,4 +36,3 @@ def constrain(x: jax.Array, names: LogicalAxes) -> jax.Array:
     target = rules.get(name) if name is not None else None
     spec.append(target)
   return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
-

@@ -1,0 +1,302 @@
+"""Exact attention in O(L) memory: chunked, with a streaming softmax, in pure JAX.
+
+Rabe & Staats, "Self-attention Does Not Need O(n^2) Memory" (2021); the
+backward pass follows FlashAttention-2 (Dao, 2023). Queries and keys are cut
+into chunks; for each query chunk the keys are streamed through a running
+(max, sum, weighted-value) triple, so no more than one
+[query_chunk, key_chunk] block of logits exists at a time. A `jax.custom_vjp`
+saves only q, k, v, the output and the per-row logsumexp, and the backward
+pass recomputes each block of logits, so training is O(L) memory as well
+(plain autodiff through the loops would store every block: O(L^2) again).
+
+Loops are `lax.fori_loop`, so the same code runs on CPU, GPU and TPU; it is
+the exact-attention fallback wherever no fused kernel exists. Cost:
+O(L^2 d) time, O(L d + chunk^2) memory per head.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from efficient_transformers.attention import masking
+from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.registry import register
+from efficient_transformers.errors import ConfigError
+
+_F32 = jnp.float32
+
+
+def check_chunk_size(name: str, value) -> None:
+  """Raises ConfigError unless `value` is a positive int; `name` is the parameter."""
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ConfigError(
+      f"attention 'memory_efficient': {name}={value!r} must be a positive integer "
+      f"(config.model.attention_kwargs.{name})."
+    )
+
+
+def _chunk(x: jax.Array, index: jax.Array, size: int, axis: int) -> jax.Array:
+  return lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
+
+
+def _block_keep(keep, i, j, q_chunk, k_chunk, causal):
+  """Keep-mask [batch, 1, q_chunk, k_chunk] of block (i, j); keep: [batch, kv_len]."""
+  return masking.logits_bias(
+    _chunk(keep, j, k_chunk, axis=1),
+    q_length=q_chunk,
+    kv_length=k_chunk,
+    causal=causal,
+    q_offset=i * q_chunk,
+    kv_offset=j * k_chunk,
+  )
+
+
+def _block_logits(qi: jax.Array, kj: jax.Array) -> jax.Array:
+  """Scaled logits [batch, heads, q_chunk, k_chunk] in float32."""
+  s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=_F32)
+  return s * (qi.shape[-1] ** -0.5)
+
+
+def _key_chunks_seen(i, num_k_chunks, q_chunk, k_chunk, causal):
+  """How many leading key chunks query chunk i can see: causal skips the rest."""
+  if not causal:
+    return num_k_chunks
+  last_query = (i + 1) * q_chunk - 1
+  return jnp.minimum(num_k_chunks, last_query // k_chunk + 1)
+
+
+def _forward(q, k, v, keep, causal, q_chunk, k_chunk):
+  """Returns out [B, Lq, H, D] (q's dtype) and logsumexp [B, H, Lq] (float32)."""
+  batch, q_len, heads, dim = q.shape
+  num_q, num_k = q_len // q_chunk, k.shape[1] // k_chunk
+
+  def query_block(i, carry):
+    out, lse = carry
+    qi = _chunk(q, i, q_chunk, axis=1)
+
+    def key_block(j, state):
+      m, total, acc = state
+      s = _block_logits(qi, _chunk(k, j, k_chunk, axis=1))
+      s = jnp.where(_block_keep(keep, i, j, q_chunk, k_chunk, causal), s, -jnp.inf)
+      m_new = jnp.maximum(m, s.max(axis=-1))
+      # While a row has seen no key its max is -inf; shifting by 0 instead
+      # keeps exp() at exactly 0 for it rather than NaN.
+      m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+      p = jnp.exp(s - m_safe[..., None])
+      rescale = jnp.exp(m - m_safe)
+      total = total * rescale + p.sum(axis=-1)
+      pv = jnp.einsum(
+        "bhqk,bkhd->bhqd",
+        p.astype(v.dtype),
+        _chunk(v, j, k_chunk, axis=1),
+        preferred_element_type=_F32,
+      )
+      return m_new, total, acc * rescale[..., None] + pv
+
+    init = (
+      jnp.full((batch, heads, q_chunk), -jnp.inf, _F32),
+      jnp.zeros((batch, heads, q_chunk), _F32),
+      jnp.zeros((batch, heads, q_chunk, dim), _F32),
+    )
+    end = _key_chunks_seen(i, num_k, q_chunk, k_chunk, causal)
+    m, total, acc = lax.fori_loop(0, end, key_block, init)
+    seen = total > 0
+    # A row with no visible key gets output 0; its logsumexp is never read
+    # (the backward pass masks by `keep` too), 0 just keeps it finite.
+    l_safe = jnp.where(seen, total, 1.0)
+    oi = jnp.where(seen[..., None], acc / l_safe[..., None], 0.0)
+    li = jnp.where(seen, m + jnp.log(l_safe), 0.0)
+    oi = oi.transpose(0, 2, 1, 3).astype(out.dtype)  # -> [B, q_chunk, H, D]
+    out = lax.dynamic_update_slice_in_dim(out, oi, i * q_chunk, axis=1)
+    lse = lax.dynamic_update_slice_in_dim(lse, li, i * q_chunk, axis=2)
+    return out, lse
+
+  init = (jnp.zeros(q.shape, q.dtype), jnp.zeros((batch, heads, q_len), _F32))
+  return lax.fori_loop(0, num_q, query_block, init)
+
+
+def _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk):
+  """FlashAttention-2 backward: outer loop over key chunks, inner over query chunks."""
+  num_q, num_k = q.shape[1] // q_chunk, k.shape[1] // k_chunk
+  # delta_i = sum_d dout_id * out_id = sum_j p_ij dp_ij: the softmax Jacobian term.
+  delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(_F32), out.astype(_F32))
+  chunk_shape = (q.shape[0], k_chunk) + q.shape[2:]
+
+  def key_block(j, carry):
+    dq, dk, dv = carry
+    kj = _chunk(k, j, k_chunk, axis=1)
+    vj = _chunk(v, j, k_chunk, axis=1)
+
+    def query_block(i, state):
+      dq, dkj, dvj = state
+      qi = _chunk(q, i, q_chunk, axis=1)
+      doi = _chunk(dout, i, q_chunk, axis=1)
+      s = _block_logits(qi, kj) - _chunk(lse, i, q_chunk, axis=2)[..., None]
+      keep_ij = _block_keep(keep, i, j, q_chunk, k_chunk, causal)
+      p = jnp.exp(jnp.where(keep_ij, s, -jnp.inf))  # the forward's probabilities
+      dvj = dvj + jnp.einsum(
+        "bhqk,bqhd->bkhd", p.astype(doi.dtype), doi, preferred_element_type=_F32
+      )
+      dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=_F32)
+      ds = p * (dp - _chunk(delta, i, q_chunk, axis=2)[..., None]) * (q.shape[-1] ** -0.5)
+      dkj = dkj + jnp.einsum(
+        "bhqk,bqhd->bkhd", ds.astype(qi.dtype), qi, preferred_element_type=_F32
+      )
+      dqi = jnp.einsum("bhqk,bkhd->bqhd", ds.astype(kj.dtype), kj, preferred_element_type=_F32)
+      dq = lax.dynamic_update_slice_in_dim(
+        dq, _chunk(dq, i, q_chunk, axis=1) + dqi, i * q_chunk, axis=1
+      )
+      return dq, dkj, dvj
+
+    # Causal: query chunks wholly before this key chunk cannot see it.
+    start = (j * k_chunk) // q_chunk if causal else 0
+    init = (dq, jnp.zeros(chunk_shape, _F32), jnp.zeros(chunk_shape, _F32))
+    dq, dkj, dvj = lax.fori_loop(start, num_q, query_block, init)
+    dk = lax.dynamic_update_slice_in_dim(dk, dkj.astype(dk.dtype), j * k_chunk, axis=1)
+    dv = lax.dynamic_update_slice_in_dim(dv, dvj.astype(dv.dtype), j * k_chunk, axis=1)
+    return dq, dk, dv
+
+  init = (jnp.zeros(q.shape, _F32), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+  dq, dk, dv = lax.fori_loop(0, num_k, key_block, init)
+  return dq.astype(q.dtype), dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked_attention(q, k, v, keep, causal, q_chunk, k_chunk):
+  """Lengths must be multiples of the chunk sizes; `keep` [B, Lk] masks keys."""
+  return _forward(q, k, v, keep, causal, q_chunk, k_chunk)[0]
+
+
+def _chunked_attention_fwd(q, k, v, keep, causal, q_chunk, k_chunk):
+  out, lse = _forward(q, k, v, keep, causal, q_chunk, k_chunk)
+  return out, (q, k, v, keep, out, lse)
+
+
+def _chunked_attention_bwd(causal, q_chunk, k_chunk, residuals, dout):
+  q, k, v, keep, out, lse = residuals
+  dq, dk, dv = _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk)
+  return dq, dk, dv, None  # the boolean mask has no gradient
+
+
+_chunked_attention.defvjp(_chunked_attention_fwd, _chunked_attention_bwd)
+
+
+def _pad_length(x: jax.Array, multiple: int) -> jax.Array:
+  extra = -x.shape[1] % multiple
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def memory_efficient_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  query_chunk_size: int = 512,
+  key_chunk_size: int = 512,
+) -> jax.Array:
+  """Exact softmax attention, chunked, in O(L) memory forward and backward.
+
+  Chunk sizes are clipped to the sequence lengths. A length that is not a
+  multiple of its chunk size is padded internally up to the next multiple;
+  padded keys are masked out and padded query rows are dropped, so the result
+  is exact for any length.
+
+  Args:
+    q: [batch, q_length, heads, head_dim].
+    k, v: [batch, kv_length, heads, head_dim].
+    mask: [batch, kv_length] bool, True = real token; any pattern; or None.
+    causal: query i sees keys j <= i only; key chunks wholly in the future of
+      a query chunk are skipped, not just masked.
+    query_chunk_size: queries per chunk.
+    key_chunk_size: keys per chunk; the peak extra memory is one
+      [batch, heads, query_chunk_size, key_chunk_size] float32 block.
+
+  Returns:
+    [batch, q_length, heads, head_dim] in q's dtype (accumulated in float32).
+    Rows of padded queries (self-attention) and rows with no visible key are
+    zeros.
+
+  Raises:
+    ConfigError: a chunk size is not a positive integer.
+  """
+  check_chunk_size("query_chunk_size", query_chunk_size)
+  check_chunk_size("key_chunk_size", key_chunk_size)
+  masking.check_qkv("memory_efficient", q, k, v, mask)
+  batch, q_length = q.shape[:2]
+  kv_length = k.shape[1]
+  q_chunk = min(query_chunk_size, q_length)
+  k_chunk = min(key_chunk_size, kv_length)
+
+  keep = jnp.ones((batch, kv_length), bool) if mask is None else mask.astype(bool)
+  # Padding keys are False in `keep`: they are masked exactly like user padding.
+  out = _chunked_attention(
+    _pad_length(q, q_chunk),
+    _pad_length(k, k_chunk),
+    _pad_length(v, k_chunk),
+    _pad_length(keep, k_chunk),
+    causal,
+    q_chunk,
+    k_chunk,
+  )[:, :q_length]
+  return masking.zero_padded_queries(out, mask)
+
+
+@register("memory_efficient")
+class MemoryEfficientAttention(MultiHeadAttention):
+  """Multi-head exact attention, chunked to O(L) memory (pure JAX, any backend).
+
+  Variant kwargs:
+    query_chunk_size: queries per chunk (default 512).
+    key_chunk_size: keys per chunk (default 512).
+  """
+
+  def __init__(
+    self,
+    *,
+    in_features: int,
+    num_heads: int,
+    head_dim: int,
+    dropout_rate: float = 0.0,
+    causal: bool = False,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
+    query_chunk_size: int = 512,
+    key_chunk_size: int = 512,
+  ):
+    # Fail when the model is built, not at the first traced step.
+    check_chunk_size("query_chunk_size", query_chunk_size)
+    check_chunk_size("key_chunk_size", key_chunk_size)
+    super().__init__(
+      in_features=in_features,
+      num_heads=num_heads,
+      head_dim=head_dim,
+      dropout_rate=dropout_rate,
+      causal=causal,
+      rngs=rngs,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+    self.query_chunk_size = query_chunk_size
+    self.key_chunk_size = key_chunk_size
+
+  def attend(self, q, k, v, *, mask, deterministic):
+    del deterministic
+    return memory_efficient_attention(
+      q,
+      k,
+      v,
+      mask=mask,
+      causal=self.causal,
+      query_chunk_size=self.query_chunk_size,
+      key_chunk_size=self.key_chunk_size,
+    )

@@ -1,0 +1,485 @@
+r"""ListOps: a seeded LRA generator, the original TSV format, and a reader.
+
+The generator follows the LRA algorithm (LRA_REFERENCE.md, "The ListOps
+generator"): a node at depth d < max_depth is a leaf (uniform digit) when
+r ~ U[0, 1) exceeds 0.25, and at max_depth always; otherwise it takes
+k ~ U{2..max_args} children and a uniform operator of MIN, MAX, MED, SM. A
+tree's length counts operators, digits and `]`. Trees with
+min_length < length < max_length are kept in draw order, duplicates dropped,
+and the first num_train / num_val / num_test go to train / val / test.
+
+Unlike the original (unseeded, one Python tree at a time), draws come in
+fixed-size chunks whose numpy Generator depends only on (seed, chunk index),
+and each chunk grows all its trees level by level with array operations. The
+per-node choices are independent, so drawing them breadth-first instead of
+depth-first leaves the distribution of trees unchanged; a tree whose length is
+already known to reach max_length is abandoned early, which only skips work
+on a tree that would be rejected anyway. Chunks are consumed in order, so the
+files are byte-identical for any number of worker processes.
+
+Generate the LRA set (about 630 MB of text) or the smoke set:
+  python -m efficient_transformers.data.listops --data_dir=data/lra/listops
+  python -m efficient_transformers.data.listops --data_dir=data/lra/listops_smoke --smoke
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import logging
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from efficient_transformers.errors import ConfigError, DataError, UserError
+
+_log = logging.getLogger(__name__)
+
+# The token vocabulary, fixed (the original built it from a Python set, so ids
+# changed between processes and reloaded checkpoints read garbage). Append
+# only: a token's id is its index.
+VOCAB: tuple[str, ...] = (
+  ("<pad>", "[MIN", "[MAX", "[MED", "[SM", "]") + tuple(str(d) for d in range(10)) + ("<cls>",)
+)
+PAD_ID = 0
+CLS_ID = VOCAB.index("<cls>")  # Reserved for models that prepend a CLS token.
+VOCAB_SIZE = len(VOCAB)
+NUM_CLASSES = 10
+SPLITS = ("train", "val", "test")
+HEADER = "Source\tTarget"
+
+
+def split_path(data_dir: str, split: str) -> str:
+  """The original release's file name for `split`, e.g. `DIR/basic_train.tsv`."""
+  if split not in SPLITS:
+    raise ConfigError(f"Unknown ListOps split {split!r}; valid splits: {', '.join(SPLITS)}.")
+  return os.path.join(data_dir, f"basic_{split}.tsv")
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+  """Generator parameters; the defaults are LRA's."""
+
+  num_train: int = 96_000
+  num_val: int = 2_000
+  num_test: int = 2_000
+  min_length: int = 500
+  max_length: int = 2_000
+  max_depth: int = 10
+  max_args: int = 10
+
+
+# The same small set as the `smoke` variant of configs/lra/listops.py.
+SMOKE_PARAMS = dict(
+  num_train=4_000, num_val=500, num_test=500, min_length=10, max_length=64, max_depth=4, max_args=4
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationStats:
+  """What a generation did: draws made, trees kept, time taken."""
+
+  num_draws: int
+  num_accepted: int  # In-bounds trees, duplicates included.
+  num_duplicates: int
+  mean_accepted_length: float
+  seconds: float
+
+
+_VALUE_P = 0.25  # A node is a leaf when r > _VALUE_P (the original's rule).
+_CHUNK_DRAWS = 1024  # Part of the seed's meaning: changing it changes the data.
+_STALL_CHUNKS = 200  # Chunks without a new tree before the parameters are blamed.
+
+# Codes of the written form: digits 0-9, operators 10-13, then `]`, `(`, `)`
+# and ten end-of-line codes carrying the label ("\t7\n").
+_OPS = ("[MIN", "[MAX", "[MED", "[SM")
+_OP0, _CLOSE, _LPAR, _RPAR, _END0 = 10, 14, 15, 16, 17
+_WRITTEN = [str(d) for d in range(10)] + list(_OPS) + ["]", "(", ")"]
+_WRITTEN += [f"\t{d}\n" for d in range(10)]
+_CODE_WORDS = np.zeros((2, len(_WRITTEN), 8), np.uint8)
+for _i, _s in enumerate(_WRITTEN):
+  _CODE_WORDS[0, _i, : len(_s) + 1] = np.frombuffer(_s.encode() + b" ", np.uint8)
+  _CODE_WORDS[1, _i, : len(_s)] = np.frombuffer(_s.encode(), np.uint8)
+_CODE_WORDS[0, _END0:] = _CODE_WORDS[1, _END0:]  # No space after a line.
+_CODE_WORDS = _CODE_WORDS.reshape(-1, 8).view(np.uint64).ravel()
+
+
+def _check_params(p: Params) -> None:
+  problems = []
+  if min(p.num_train, p.num_val, p.num_test) < 0:
+    problems.append("split sizes must be >= 0")
+  if p.min_length < 0 or p.max_length - p.min_length < 2:
+    problems.append("lengths lie strictly between min_length and max_length: need max >= min + 2")
+  if p.max_depth < 1 or p.max_args < 2:
+    problems.append("need max_depth >= 1 and max_args >= 2")
+  if problems:
+    raise ConfigError(f"Invalid ListOps generator parameters {p}: {'; '.join(problems)}.")
+
+
+def _draw_chunk(seed: int, chunk_index: int, p: Params) -> tuple[bytes, np.ndarray, np.ndarray]:
+  """Draws one chunk of trees; returns (text of kept lines, line end offsets, lengths)."""
+  rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(chunk_index,)))
+  n_draws = _CHUNK_DRAWS
+  alive = np.ones(n_draws, bool)
+  length = np.zeros(n_draws, np.int64)  # Tokens fixed so far: 2 per operator, 1 per digit.
+  levels = []  # Per depth: (tree, parent index in the level above, code, child count).
+  tree, parent = np.arange(n_draws), np.full(n_draws, -1)
+  for depth in range(1, p.max_depth + 1):
+    n = tree.size
+    if n == 0:
+      break
+    internal = rng.random(n) <= _VALUE_P if depth < p.max_depth else np.zeros(n, bool)
+    n_int = int(internal.sum())
+    code = np.empty(n, np.int64)
+    code[~internal] = rng.integers(0, 10, n - n_int)
+    k = rng.integers(2, p.max_args + 1, n_int)
+    code[internal] = _OP0 + rng.integers(0, len(_OPS), n_int)
+    nchild = np.zeros(n, np.int64)
+    nchild[internal] = k
+    levels.append((tree, parent, code, nchild))
+    length += np.bincount(tree, minlength=n_draws) + np.bincount(tree[internal], minlength=n_draws)
+    child_tree = np.repeat(tree[internal], k)
+    child_parent = np.repeat(np.flatnonzero(internal), k)
+    # Every pending child adds at least one token: a tree whose lower bound
+    # reaches max_length is rejected whatever its remaining draws would be.
+    alive &= length + np.bincount(child_tree, minlength=n_draws) < p.max_length
+    keep = alive[child_tree]
+    tree, parent = child_tree[keep], child_parent[keep]
+  accepted = alive & (length > p.min_length) & (length < p.max_length)
+  return _write_lines(levels, accepted) + (length[accepted],)
+
+
+def _write_lines(levels: list, accepted: np.ndarray) -> tuple[bytes, np.ndarray]:
+  """Writes the accepted trees (in draw order) as `Source\\tTarget\\n` lines."""
+  kept, remap = [], None
+  for tree, parent, code, nchild in levels:
+    m = accepted[tree]
+    kept.append([parent[m] if remap is None else remap[parent[m]], code[m], nchild[m]])
+    remap = np.cumsum(m) - 1
+  # Bottom-up: written length and value of every node. A level's children
+  # are contiguous and ordered by parent, so per-node reductions are
+  # reduceat over group starts.
+  below = None
+  for lvl in reversed(kept):
+    _, code, nchild = lvl
+    wlen, value = np.ones(code.size, np.int64), code.copy()
+    internal = nchild > 0
+    if below is not None and internal.any():
+      c_parent, c_wlen, c_value = below
+      k = nchild[internal]
+      starts = np.cumsum(k) - k
+      wlen[internal] = 2 * k + 4 + np.add.reduceat(c_wlen, starts)
+      ordered = np.sort(c_parent * 16 + c_value) & 15  # Sorted within each group.
+      median = (ordered[starts + (k - 1) // 2] + ordered[starts + k // 2]) // 2  # int(np.median)
+      candidates = [
+        np.minimum.reduceat(c_value, starts),
+        np.maximum.reduceat(c_value, starts),
+        median,
+        np.add.reduceat(c_value, starts) % 10,
+      ]
+      value[internal] = np.choose(code[internal] - _OP0, candidates)
+    lvl += [wlen, value]
+    below = (lvl[0], wlen, value)
+  # Top-down: where each node's written tokens start. An operator node with
+  # children c1..ck is written `(`*(k+1) op c1 `)` c2 `)` ... ck `)` `]` `)`.
+  root_wlen, root_value = kept[0][3], kept[0][4]
+  start = np.cumsum(root_wlen + 1) - root_wlen - 1  # +1: each line's end code.
+  codes = np.empty(int((root_wlen + 1).sum()), np.int64)
+  codes[start + root_wlen] = _END0 + root_value
+  for depth, (_, code, nchild, wlen, _) in enumerate(kept):
+    internal = nchild > 0
+    codes[start[~internal]] = code[~internal]
+    if not internal.any():
+      break
+    s, k, w = start[internal], nchild[internal], wlen[internal]
+    runs = np.repeat(s - np.cumsum(k + 1) + k + 1, k + 1) + np.arange(int((k + 1).sum()))
+    codes[runs] = _LPAR
+    codes[s + k + 1] = code[internal]
+    codes[s + w - 2] = _CLOSE
+    codes[s + w - 1] = _RPAR
+    c_wlen = kept[depth + 1][3]
+    step = np.cumsum(c_wlen + 1) - c_wlen - 1  # Offsets of children, reset per group below.
+    group_first = np.cumsum(k) - k
+    start = np.repeat(s + k + 2 - step[group_first], k) + step
+    codes[start + c_wlen] = _RPAR
+  # Codes to bytes: each code's text and a space, zero-padded to 8 bytes (one
+  # uint64 gather), minus the space before each end code; zeros are dropped.
+  before_end = np.flatnonzero(codes >= _END0) - 1
+  codes[before_end] += len(_WRITTEN)  # The no-space twin of the code.
+  flat = np.take(_CODE_WORDS, codes).view(np.uint8)
+  out = flat[flat != 0]
+  return out.tobytes(), np.flatnonzero(out == ord("\n")) + 1
+
+
+def _chunks(seed: int, p: Params, num_workers: int) -> Iterator[tuple]:
+  """Yields chunk results in chunk order, computed by `num_workers` processes."""
+  if num_workers <= 1:
+    for i in itertools.count():
+      yield _draw_chunk(seed, i, p)
+    return
+  # spawn, not fork: the parent may hold JAX's threads, which fork breaks.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+    ahead = 2 * num_workers  # Bounded read-ahead; results still come back in order.
+    pending = collections.deque(pool.submit(_draw_chunk, seed, i, p) for i in range(ahead))
+    try:
+      for i in itertools.count(ahead):
+        result = pending.popleft().result()
+        pending.append(pool.submit(_draw_chunk, seed, i, p))
+        yield result
+    finally:
+      pool.shutdown(cancel_futures=True)
+
+
+def generate(
+  data_dir: str, *, seed: int = 0, num_workers: int | None = None, **params
+) -> GenerationStats:
+  """Generates and writes the three split files, replacing any already there.
+
+  Args:
+    data_dir: directory for `basic_{train,val,test}.tsv`; created if missing.
+    seed: non-negative integer; the output is a function of (seed, params).
+    num_workers: processes drawing chunks (default: all CPUs); does not
+      change the output.
+    **params: fields of `Params` overriding LRA's defaults.
+
+  Returns:
+    Statistics of the run.
+  """
+  try:
+    p = Params(**params)
+  except TypeError as e:
+    fields = [f.name for f in dataclasses.fields(Params)]
+    raise ConfigError(f"{e}; valid ListOps generator parameters: {fields}.") from e
+  _check_params(p)
+  if not isinstance(seed, int) or seed < 0:
+    raise ConfigError(f"ListOps generator seed must be a non-negative integer, got {seed!r}.")
+  num_workers = num_workers or os.cpu_count() or 1
+  os.makedirs(data_dir, exist_ok=True)
+  t0 = time.perf_counter()
+  wanted = [
+    (split_path(data_dir, s), n)
+    for s, n in zip(SPLITS, (p.num_train, p.num_val, p.num_test), strict=True)
+  ]
+  temps = [f"{path}.tmp-{os.getpid()}" for path, _ in wanted]
+  seen: set[bytes] = set()  # 128-bit digests of kept lines; a collision is ~1e-28 likely.
+  draws = accepted = duplicates = total_length = stall = 0
+  try:
+    files = [open(t, "wb") for t in temps]
+    try:
+      for f in files:
+        f.write(HEADER.encode() + b"\n")
+      counts, target = [0, 0, 0], 0
+      while target < 3 and wanted[target][1] == 0:
+        target += 1
+      with contextlib.closing(_chunks(seed, p, num_workers)) as chunks:
+        for text, ends, lengths in chunks if target < 3 else ():
+          draws, accepted = draws + _CHUNK_DRAWS, accepted + ends.size
+          total_length += int(lengths.sum())
+          view, begin, new = memoryview(text), 0, 0
+          for end in ends.tolist():
+            line, begin = view[begin:end], end
+            digest = hashlib.blake2b(line, digest_size=16).digest()
+            if digest in seen:
+              duplicates += 1
+              continue
+            seen.add(digest)
+            new += 1
+            files[target].write(line)
+            counts[target] += 1
+            while target < 3 and counts[target] == wanted[target][1]:
+              target += 1
+            if target == 3:
+              break
+          if target == 3:
+            break
+          stall = 0 if new else stall + 1
+          if stall >= _STALL_CHUNKS:
+            raise ConfigError(
+              f"ListOps parameters {p} admit too few distinct trees: none new in "
+              f"{_STALL_CHUNKS * _CHUNK_DRAWS} draws; widen the lengths or raise max_depth, max_args."
+            )
+    finally:
+      for f in files:
+        f.close()
+    for temp, (path, _) in zip(temps, wanted, strict=True):
+      os.replace(temp, path)
+  finally:
+    for temp in temps:
+      if os.path.exists(temp):
+        os.remove(temp)
+  stats = GenerationStats(
+    draws, accepted, duplicates, total_length / max(accepted, 1), time.perf_counter() - t0
+  )
+  _log.info(
+    "Generated ListOps in %s with seed %d, %d workers: %s", data_dir, seed, num_workers, stats
+  )
+  return stats
+
+
+def ensure_data(data_dir: str, *, seed: int = 0, num_workers: int | None = None, **params) -> None:
+  """Makes sure `data_dir` holds the three split files; generates them if none is there.
+
+  Existing files (ours or the original release's) are never regenerated or
+  checked here; `load_split` validates them. Arguments are those of `generate`.
+  """
+  paths = [split_path(data_dir, s) for s in SPLITS]
+  present = [os.path.exists(path) for path in paths]
+  if all(present):
+    _log.info("ListOps data found in %s; not regenerating.", data_dir)
+    return
+  if any(present):
+    missing = [path for path, ok in zip(paths, present, strict=True) if not ok]
+    raise DataError(
+      f"ListOps data in {data_dir} is incomplete: missing {', '.join(missing)}. Restore them, or "
+      f"delete the directory's basic_*.tsv files and run: {_command(data_dir)}"
+    )
+  _log.info("No ListOps data in %s; generating it (seed %d).", data_dir, seed)
+  generate(data_dir, seed=seed, num_workers=num_workers, **params)
+
+
+def _command(data_dir: str) -> str:
+  return f"python -m efficient_transformers.data.listops --data_dir={data_dir}"
+
+
+# Tokens are looked up by their bytes packed big-endian into an int (<= 4 bytes).
+def _pack(token: bytes) -> int:
+  return int.from_bytes(token.ljust(4, b"\0"), "big")
+
+
+_KNOWN = sorted((_pack(t.encode()), i) for i, t in enumerate(VOCAB) if not t.startswith("<"))
+_KNOWN_KEYS = np.array([key for key, _ in _KNOWN], np.int64)
+_KNOWN_IDS = np.array([i for _, i in _KNOWN], np.int32)
+_SPACE = np.zeros(256, bool)
+_SPACE[list(b" \t\n\r\x0b\x0c")] = True
+_BLOCK_BYTES = 1 << 24  # Tokenize ~16 MB of text at a time to bound memory.
+
+
+def load_split(data_dir: str, split: str, *, max_length: int) -> dict[str, np.ndarray]:
+  """Reads one split in the original release's format and tokenizes it.
+
+  Tokenization is the original pipeline's: `(` and `)` are deleted, `]` is a
+  token, tokens are split on whitespace. Sequences longer than `max_length`
+  keep their first `max_length` tokens (none do at LRA's settings: lengths are
+  below 2000); the number truncated is logged.
+
+  Args:
+    data_dir: directory with `basic_{split}.tsv`.
+    split: one of `SPLITS`.
+    max_length: the padded length of `inputs`.
+
+  Returns:
+    {"inputs": int32 [N, max_length] token ids right-padded with PAD_ID,
+     "targets": int32 [N] answers 0-9}.
+  """
+  path = split_path(data_dir, split)
+  if not os.path.isdir(data_dir):
+    raise DataError(
+      f"ListOps data directory {data_dir} does not exist; create it with: {_command(data_dir)}"
+    )
+  if not os.path.isfile(path):
+    raise DataError(f"ListOps file {path} is missing; generate the data with: {_command(data_dir)}")
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  if lines[-1] == b"":
+    lines.pop()
+  if not lines or lines[0].rstrip(b"\r") != HEADER.encode():
+    raise DataError(f"{path}:1: expected the header line {HEADER!r}.")
+  sources, targets = [], np.empty(len(lines) - 1, np.int32)
+  for i, line in enumerate(lines[1:]):
+    columns = line.rstrip(b"\r").split(b"\t")
+    if len(columns) != 2:
+      raise DataError(
+        f"{path}:{i + 2}: expected 2 tab-separated columns (Source, Target), got {len(columns)}."
+      )
+    target = columns[1].strip()
+    if not (target.isdigit() and int(target) < NUM_CLASSES):
+      raise DataError(
+        f"{path}:{i + 2}: Target must be an integer 0-9, got {target.decode(errors='replace')!r}."
+      )
+    sources.append(columns[0])
+    targets[i] = int(target)
+  if not sources:
+    raise DataError(f"{path} holds no examples below its header.")
+  inputs = np.zeros((len(sources), max_length), np.int32)
+  lengths = np.zeros(len(sources), np.int64)
+  first = 0
+  while first < len(sources):
+    last, size = first, 0
+    while last < len(sources) and (last == first or size < _BLOCK_BYTES):
+      size, last = size + len(sources[last]) + 1, last + 1
+    _tokenize_block(sources[first:last], first, inputs, lengths, path)
+    first = last
+  if (lengths > max_length).any():
+    _log.info(
+      "%s: truncated %d sequences to %d tokens.", path, (lengths > max_length).sum(), max_length
+    )
+  return {"inputs": inputs, "targets": targets}
+
+
+def _tokenize_block(
+  sources: list[bytes], first: int, inputs: np.ndarray, lengths: np.ndarray, path: str
+) -> None:
+  """Tokenizes `sources` (lines first, first + 1, ...) into rows of `inputs`."""
+  text = np.frombuffer(b"\n".join(sources).translate(None, b"()") + b"\n", np.uint8)
+  space = _SPACE[text]
+  after_space = np.concatenate([[True], space[:-1]])
+  before_space = np.concatenate([space[1:], [True]])
+  starts = np.flatnonzero(~space & after_space)
+  size = np.flatnonzero(~space & before_space) - starts + 1
+  keys = np.zeros(starts.size, np.int64)
+  for j in range(4):
+    m = size > j
+    keys[m] |= text[starts[m] + j].astype(np.int64) << (8 * (3 - j))
+  where = np.minimum(np.searchsorted(_KNOWN_KEYS, keys), _KNOWN_KEYS.size - 1)
+  bad = (_KNOWN_KEYS[where] != keys) | (size > 4)
+  row = np.searchsorted(np.flatnonzero(text == ord("\n")), starts)  # Line of each token.
+  if bad.any():
+    b = int(np.flatnonzero(bad)[0])
+    token = text[starts[b] : starts[b] + size[b]].tobytes().decode(errors="replace")
+    raise DataError(
+      f"{path}:{first + row[b] + 2}: unknown token {token!r}; known tokens: {VOCAB[1:-1]}."
+    )
+  count = np.bincount(row, minlength=len(sources))
+  if (count == 0).any():
+    raise DataError(f"{path}:{first + int(np.flatnonzero(count == 0)[0]) + 2}: empty Source.")
+  lengths[first : first + len(sources)] = count
+  position = np.arange(row.size) - (np.cumsum(count) - count)[row]
+  m = position < inputs.shape[1]
+  inputs[first + row[m], position[m]] = _KNOWN_IDS[where[m]]
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The command line: generates the ListOps files unless they are there."""
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data_dir", required=True, help="Directory for basic_{train,val,test}.tsv.")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--smoke", action="store_true", help="The small set of the smoke config.")
+  parser.add_argument("--num_workers", type=int, default=None, help="Default: all CPUs.")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+  try:
+    ensure_data(
+      args.data_dir,
+      seed=args.seed,
+      num_workers=args.num_workers,
+      **(SMOKE_PARAMS if args.smoke else {}),
+    )
+  except UserError as e:
+    print(e, file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  # Run the importable module's main so spawned workers unpickle one copy of it.
+  from efficient_transformers.data import listops
+
+  sys.exit(listops.main())

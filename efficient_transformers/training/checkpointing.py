@@ -1,0 +1,321 @@
+"""Checkpoints of a run: periodic keep-N, the best by a validation metric, resumable data.
+
+Layout under the workdir (one Orbax `CheckpointManager` per folder):
+
+    checkpoints/<step>/{state,data_state,metrics,fingerprint}/   the last `max_to_keep`
+    best/<step>/{state,data_state,metrics,fingerprint}/          the best so far, kept alone
+
+`state` is the model + optimizer pytree (OCDBT arrays, restored already sharded);
+`data_state` holds one JSON file per process, because each process reads its own
+shard of the data and so has its own iterator position; `metrics` and
+`fingerprint` (model config, attention name, ...) are JSON that Orbax's primary
+process writes.
+
+Every process calls every method; Orbax coordinates who writes what.
+"""
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from etils import epath
+
+from efficient_transformers.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+_FRESH = "use a fresh --workdir, or the config this workdir was trained with"
+
+
+class _ProcessJsonHandler(ocp.CheckpointHandler):
+  """Writes one JSON file per process: the data-iterator state is per process."""
+
+  def save(self, directory: epath.Path, args: "_ProcessJsonSave"):
+    (directory / _process_file()).write_text(json.dumps(args.item))
+
+  def restore(self, directory: epath.Path, args: "_ProcessJsonRestore | None" = None):
+    return json.loads((directory / _process_file()).read_text())
+
+  def metadata(self, directory: epath.Path):
+    return None
+
+
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class _ProcessJsonSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class _ProcessJsonRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+def _process_file() -> str:
+  return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _path_str(path) -> str:
+  """'params/w' for a jax key path, whatever the node types."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _first_json_diff(stored, given, prefix="") -> str | None:
+  """The first key at which two JSON values differ, or None if they are equal."""
+  if isinstance(stored, dict) and isinstance(given, dict):
+    for key in sorted(set(stored) | set(given)):
+      if key not in stored or key not in given:
+        return f"{prefix}{key} (only in {'stored' if key in stored else 'current'})"
+      diff = _first_json_diff(stored[key], given[key], f"{prefix}{key}.")
+      if diff:
+        return diff
+    return None
+  if stored != given:
+    return f"{prefix.rstrip('.') or '<root>'}: stored {stored!r}, current {given!r}"
+  return None
+
+
+class Checkpointer:
+  """Saves and restores {state, data_state} with keep-N, best-by-metric and checks.
+
+  Args:
+    workdir: the run's directory (local path or gs://...).
+    max_to_keep: periodic checkpoints kept; the best one is kept apart from these.
+    best_metric: key of the validation metrics that ranks checkpoints.
+    best_mode: "max" or "min": whether a higher or lower `best_metric` is better.
+    fingerprint: JSON dict saved with every checkpoint (model config, attention
+      name, ...); restore refuses a checkpoint whose fingerprint differs. None
+      skips the check.
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    max_to_keep: int = 3,
+    best_metric: str = "accuracy",
+    best_mode: str = "max",
+    fingerprint: dict | None = None,
+  ):
+    if best_mode not in ("max", "min"):
+      raise ConfigError(f"checkpoint best_mode must be 'max' or 'min', got {best_mode!r}")
+    self.workdir = epath.Path(workdir)
+    self._best_metric, self._best_mode = best_metric, best_mode
+    # A JSON round trip now, so tuples/int keys compare equal to what comes back from disk.
+    self._fingerprint = None if fingerprint is None else json.loads(json.dumps(fingerprint))
+    self._periodic = self._manager("checkpoints", max_to_keep)
+    # Not Orbax's best_fn: on a tie it keeps the newer step (we keep the earlier), and
+    # it would need metrics on every save. We decide "improved" and keep one step here.
+    self._best = self._manager("best", None)
+    self._best_value = self._stored_best_value()
+    self._damaged: set[int] = set()  # Periodic steps restore found unreadable.
+
+  def _manager(self, name: str, max_to_keep: int | None) -> ocp.CheckpointManager:
+    handlers = {
+      "state": ocp.StandardCheckpointHandler(),
+      "data_state": _ProcessJsonHandler(),
+      "metrics": ocp.JsonCheckpointHandler(),
+      "fingerprint": ocp.JsonCheckpointHandler(),
+    }
+    # cleanup_tmp_directories: a save killed mid-write leaves a tmp folder that
+    # Orbax never lists as a step; delete it instead of letting it pile up.
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+    )
+    return ocp.CheckpointManager(self.workdir / name, options=options, item_handlers=handlers)
+
+  def latest_step(self) -> int | None:
+    """The newest periodic step on disk (possibly damaged; restore checks), or None."""
+    return self._periodic.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step of the best checkpoint so far, or None."""
+    return self._best.latest_step()
+
+  def save(self, step: int, state, *, data_state=None, metrics=None) -> None:
+    """Saves `state` at `step`; returns once it is on disk (safe to be killed after).
+
+    Periodic checkpoints newer than `step`, or at `step` but found damaged, belong
+    to an abandoned timeline (we resumed from an older step) and are deleted first,
+    or Orbax would refuse the step and keep-N would drop the new ones.
+
+    Args:
+      step: the training step.
+      state: pytree of jax.Arrays (model + optimizer), possibly sharded.
+      data_state: this process's JSON-able input-iterator state.
+      metrics: validation metrics; if `metrics[best_metric]` beats the best so far
+        (ties do not), this step is also kept as the best checkpoint.
+    """
+    if metrics is not None:
+      # device_get: an explicit copy, allowed under jax_transfer_guard="disallow".
+      metrics = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data_state=_ProcessJsonSave(data_state),
+      metrics=ocp.args.JsonSave(metrics),
+      fingerprint=ocp.args.JsonSave(self._fingerprint),
+    )
+    for old in self._periodic.all_steps():
+      if old > step or (old == step and old in self._damaged):
+        log.warning(
+          "Deleting checkpoint %s/checkpoints/%d: superseded by step %d.", self.workdir, old, step
+        )
+        self._periodic.delete(old)
+    self._damaged.clear()
+    # A second save at a saved step (e.g. on SIGTERM right after a periodic save) is a
+    # no-op rather than a delete-and-rewrite that a kill could interrupt.
+    if step not in self._periodic.all_steps():
+      self._periodic.save(step, args=args, force=True)
+    improved = metrics is not None and self._improves(metrics)
+    if improved:
+      old_best = self._best.all_steps()
+      if step not in old_best:
+        # force: the best may come from an abandoned later timeline, and Orbax skips steps
+        # below its latest.
+        self._best.save(step, args=args, force=True)
+      self._best_value = metrics[self._best_metric]
+    self._periodic.wait_until_finished()
+    self._best.wait_until_finished()
+    if improved:
+      # Only after the new best is durable, so a kill never leaves zero best checkpoints.
+      for old in old_best:
+        if old != step:
+          self._best.delete(old)
+
+  def _stored_best_value(self) -> float | None:
+    """The metric a new best must beat: the one saved with the best step on disk."""
+    step = self.best_step()
+    if step is None:
+      return None
+    try:
+      stored = self._best.restore(step, args=ocp.args.Composite(metrics=ocp.args.JsonRestore()))
+      return stored.metrics[self._best_metric]
+    except Exception as e:  # An unreadable best is replaced by the next one, not fatal.
+      log.warning("Best checkpoint %s/best/%d is unreadable (%s).", self.workdir, step, e)
+      return None
+
+  def _improves(self, metrics: dict) -> bool:
+    if self._best_metric not in metrics:
+      raise ConfigError(
+        f"checkpoint best_metric {self._best_metric!r} is not among the validation "
+        f"metrics {sorted(metrics)}; set it to one of them."
+      )
+    value = metrics[self._best_metric]
+    if self._best_value is None:
+      return value == value  # False for NaN.
+    return value > self._best_value if self._best_mode == "max" else value < self._best_value
+
+  def restore(self, abstract_state, *, which: str | int = "latest"):
+    """Restores a checkpoint onto `abstract_state`'s shapes, dtypes and shardings.
+
+    Args:
+      abstract_state: pytree of jax.ShapeDtypeStruct with `.sharding` (e.g. from
+        `jax.eval_shape` under the mesh), matching the saved state exactly.
+      which: "latest" (falls back past damaged steps, with a warning), "best", or a step.
+
+    Returns:
+      (step, state, data_state), data_state being this process's saved iterator state.
+
+    Raises:
+      CheckpointError: no such checkpoint; all candidates damaged; or the stored tree,
+        shapes, dtypes or fingerprint differ from `abstract_state` / this run's fingerprint.
+    """
+    if which == "latest":
+      manager, steps = self._periodic, sorted(self._periodic.all_steps(), reverse=True)
+    elif which == "best":
+      manager, steps = self._best, [s for s in [self.best_step()] if s is not None]
+    elif isinstance(which, int) and not isinstance(which, bool):
+      manager = self._periodic if which in self._periodic.all_steps() else self._best
+      steps = [which] if which in manager.all_steps() else []
+    else:
+      raise ValueError(f"which must be 'latest', 'best' or a step, got {which!r}")
+    if not steps:
+      raise CheckpointError(
+        f"No {which} checkpoint in {self.workdir} (periodic steps: "
+        f"{self._periodic.all_steps()}, best: {self._best.all_steps()})."
+      )
+    errors = []
+    for step in steps:
+      where = f"{manager.directory}/{step}"
+      try:
+        meta = manager.item_metadata(step)["state"]
+        meta = None if meta is None else meta.tree
+        fingerprint = manager.restore(
+          step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
+        ).fingerprint
+        if meta is None:
+          raise ValueError("its array metadata is missing")
+      except Exception as e:  # Unreadable metadata: a damaged step.
+        errors.append(self._damage(step, where, e))
+        continue
+      # Outside the try: an incompatible checkpoint is the user's to fix, not a fallback.
+      self._check_compatible(where, meta, fingerprint, abstract_state)
+      try:
+        restored = manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data_state=_ProcessJsonRestore()
+          ),
+        )
+      except Exception as e:  # Truncated or missing array files.
+        errors.append(self._damage(step, where, e))
+        continue
+      return step, restored.state, restored.data_state
+    raise CheckpointError(
+      f"Every {which} checkpoint in {self.workdir} is damaged: {'; '.join(errors)}. "
+      "Delete them to start from scratch, or restore another --workdir."
+    )
+
+  def _damage(self, step: int, where: str, error: Exception) -> str:
+    # Tensorstore errors carry a whole JSON spec; the head names the missing/bad file.
+    message = f"step {step} ({where}) is damaged: {type(error).__name__}: {str(error)[:300]}"
+    log.warning("Checkpoint %s", message)
+    if self._periodic.directory in epath.Path(where).parents:
+      self._damaged.add(step)
+    return message
+
+  def _check_compatible(self, where: str, meta, fingerprint, abstract_state) -> None:
+    """Raises CheckpointError naming the first difference between checkpoint and run."""
+    hint = f"Checkpoint {where} does not match this run"
+    if self._fingerprint is not None:
+      diff = _first_json_diff(fingerprint, self._fingerprint)
+      if diff:
+        raise CheckpointError(f"{hint}: fingerprint differs at {diff}. To fix, {_FRESH}.")
+    is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    stored = {
+      _path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(meta, is_leaf=is_meta)
+    }
+    wanted = {_path_str(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    # Every difference (up to 5), so one failed resume shows the whole story.
+    diffs = [
+      f"{k!r} is only in the {'checkpoint' if k in stored else 'model'}"
+      for k in sorted(set(stored) ^ set(wanted))
+    ] + [
+      f"{k!r} is {stored[k].dtype}{list(stored[k].shape)} in the checkpoint but "
+      f"{wanted[k].dtype}{list(wanted[k].shape)} in the model"
+      for k in sorted(set(stored) & set(wanted))
+      if tuple(stored[k].shape) != wanted[k].shape or jnp.dtype(stored[k].dtype) != wanted[k].dtype
+    ]
+    if diffs:
+      more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
+      raise CheckpointError(f"{hint}: {'; '.join(diffs[:5])}{more}. To fix, {_FRESH}.")
+    self._check_process_count(where)
+
+  def _check_process_count(self, where: str) -> None:
+    files = [p.name for p in (epath.Path(where) / "data_state").glob("process_*.json")]
+    if _process_file() not in files:
+      raise CheckpointError(
+        f"Checkpoint {where} holds data-iterator state for {sorted(files)}, not for "
+        f"{_process_file()}: it was saved by a different number of processes. Resume "
+        "with the same number of processes, or use a fresh --workdir."
+      )
+
+  def close(self) -> None:
+    """Waits for pending work and releases Orbax's threads."""
+    self._periodic.close()
+    self._best.close()

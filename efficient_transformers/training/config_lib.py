@@ -1,0 +1,76 @@
+"""Helpers for config files: the `get_config(arg)` argument string and locking.
+
+A config arg is a comma-separated list of flags and key=value pairs, e.g.
+`smoke,attention=memory_efficient`. Each config file declares the names it
+accepts; anything else is an error that lists them.
+"""
+
+from collections.abc import Mapping
+
+import ml_collections
+
+from efficient_transformers.errors import ConfigError
+
+
+def parse_arg(arg: str | None, defaults: Mapping[str, object], *, config_file: str) -> dict:
+  """Parses `arg` against `defaults` (name -> default value; bools are flags).
+
+  Values are converted to the type of their default. Raises ConfigError naming
+  the unknown name and the valid ones.
+  """
+  out = dict(defaults)
+  for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ConfigError(
+        f"Unknown config arg {key!r} in {config_file}:{arg}. Valid: {', '.join(sorted(defaults))}."
+      )
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ConfigError(f"Config arg {key!r} in {config_file} needs a value ({key}=...).")
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ConfigError(f"Config arg {key}={value!r} in {config_file} must be true or false.")
+      out[key] = value.lower() in ("true", "1")
+    elif isinstance(default, int):
+      try:
+        out[key] = int(value)
+      except ValueError:
+        raise ConfigError(f"Config arg {key}={value!r} in {config_file} must be an int.") from None
+    elif isinstance(default, float):
+      try:
+        out[key] = float(value)
+      except ValueError:
+        raise ConfigError(f"Config arg {key}={value!r} in {config_file} must be a float.") from None
+    else:
+      out[key] = value
+  return out
+
+
+def attention_defaults(name: str) -> ml_collections.ConfigDict:
+  """The declared keyword arguments of attention `name` with their defaults.
+
+  Putting them in the config makes every variant kwarg overridable from the
+  command line (`--config.model.attention_kwargs.KEY=VALUE`) and recorded in
+  the run's config.
+  """
+  from efficient_transformers import attention  # Registers every variant.
+
+  kwargs = {}
+  for key, param in attention.registry.variant_kwargs(name).items():
+    if key in ("dtype", "param_dtype"):
+      continue  # Set from config.model.dtype.
+    if param.default is param.empty:
+      raise ConfigError(f"attention {name!r} requires keyword {key!r}; set it in the config.")
+    kwargs[key] = param.default
+  # Allow None-valued defaults to be overridden by a value of another type.
+  return ml_collections.ConfigDict(kwargs, type_safe=False)
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Locks the config: setting a key it does not have is an error."""
+  config.lock()
+  return config

@@ -1,0 +1,65 @@
+"""Joining the processes of a multi-host run (TPU pod workers, GPU hosts, CPU tests).
+
+Every process runs the same command. `jax.distributed.initialize` is called
+when the flags name a coordinator, or when the environment is one JAX detects
+by itself (Cloud TPU pod, SLURM, Open MPI); a plain single-machine run skips it.
+"""
+
+import os
+
+import jax
+from absl import logging
+
+from efficient_transformers.errors import ConfigError
+
+# Variables set by launchers whose clusters jax.distributed detects on its own.
+_AUTO_ENV = (
+  "SLURM_JOB_ID",
+  "OMPI_COMM_WORLD_SIZE",
+  "TPU_WORKER_HOSTNAMES",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+)
+
+
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  cpu_collectives: str = "gloo",
+) -> bool:
+  """Calls `jax.distributed.initialize` when the run is multi-process.
+
+  Returns whether it did. On CPU, cross-process collectives go through
+  `cpu_collectives` (gloo), so a multi-process run can be tested on one machine.
+  """
+  explicit = [coordinator_address, num_processes, process_id]
+  if any(x is not None for x in explicit):
+    if any(x is None for x in explicit):
+      raise ConfigError(
+        "--coordinator_address, --num_processes and --process_id go together; "
+        f"got {coordinator_address!r}, {num_processes!r}, {process_id!r}."
+      )
+    if not 0 <= process_id < num_processes:
+      raise ConfigError(
+        f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
+      )
+  elif not any(v in os.environ for v in _AUTO_ENV):
+    return False
+  try:  # Affects the CPU backend only; accelerators use their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+  except (AttributeError, ValueError):  # A JAX where the option is gone.
+    logging.warning("Could not select %s CPU collectives on this JAX.", cpu_collectives)
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+  )
+  logging.info(
+    "Joined process %d of %d; %d local and %d global devices.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
+  return True

@@ -1,0 +1,60 @@
+"""Evaluation over a whole split, and what identifies a model for checkpoints."""
+
+from collections.abc import Callable, Iterable
+
+import jax
+import ml_collections
+import numpy as np
+
+from efficient_transformers.training import sharding
+
+
+def evaluate(
+  compiled_eval_step: Callable,
+  params: dict,
+  batches: Iterable[dict[str, np.ndarray]],
+  batch_sharding,
+  *,
+  max_batches: int = -1,
+) -> dict[str, float]:
+  """Weighted loss and accuracy over `batches` (padding examples carry weight 0).
+
+  Every process iterates the same number of batches (the pipeline pads), so
+  the SPMD eval step never waits on a process that ran out of data.
+  """
+  totals = None
+  for i, local in enumerate(batches):
+    if 0 <= max_batches <= i:
+      break
+    sums = compiled_eval_step(params, sharding.global_batch(local, batch_sharding))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  if totals is None:
+    return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0.0}
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  return {
+    "loss": float(totals["loss_sum"]) / count,
+    "accuracy": float(totals["correct_sum"]) / count,
+    "num_examples": float(totals["count"]),
+  }
+
+
+def model_fingerprint(config: ml_collections.ConfigDict, task) -> dict:
+  """What must match for a checkpoint to belong to this model.
+
+  Saved with every checkpoint; a workdir holding a checkpoint of another model
+  (another attention, width, vocabulary) is refused instead of silently
+  restarted or half restored.
+  """
+  # Settings that change no parameter (dropout, compute dtype) may differ.
+  model = {
+    k: v
+    for k, v in config.model.to_dict().items()
+    if k not in ("dropout_rate", "attention_dropout_rate", "dtype")
+  }
+  return {
+    "task": config.task,
+    "model": model,
+    "vocab_size": int(task.vocab_size),
+    "num_classes": int(task.num_classes),
+  }

@@ -1,0 +1,176 @@
+"""Building the model and its sharded train state from a config.
+
+Shared by training and evaluation, so both restore the same abstract state.
+"""
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from efficient_transformers import models
+from efficient_transformers.errors import ConfigError
+from efficient_transformers.training import optimizers, sharding, steps
+
+
+def build_model(
+  model_cfg: ml_collections.ConfigDict, *, vocab_size: int, num_classes: int, rngs: nnx.Rngs
+) -> nnx.Module:
+  """The model named by `config.model.kind`, with the configured attention."""
+  if model_cfg.kind not in models.MODELS:
+    raise ConfigError(
+      f"config.model.kind={model_cfg.kind!r} is unknown; valid: {', '.join(models.MODELS)}."
+    )
+  try:
+    dtype = jnp.dtype(model_cfg.dtype)
+  except TypeError:
+    raise ConfigError(f"config.model.dtype={model_cfg.dtype!r} is not a dtype.") from None
+  return models.MODELS[model_cfg.kind](
+    num_classes=num_classes,
+    pooling=model_cfg.pooling,
+    classifier_dim=model_cfg.classifier_dim,
+    vocab_size=vocab_size,
+    max_length=model_cfg.max_length,
+    num_layers=model_cfg.num_layers,
+    emb_dim=model_cfg.emb_dim,
+    num_heads=model_cfg.num_heads,
+    qkv_dim=model_cfg.qkv_dim,
+    mlp_dim=model_cfg.mlp_dim,
+    attention_name=model_cfg.attention,
+    attention_kwargs=model_cfg.attention_kwargs.to_dict(),
+    dropout_rate=model_cfg.dropout_rate,
+    attention_dropout_rate=model_cfg.attention_dropout_rate,
+    positional=model_cfg.positional,
+    dtype=None if dtype == jnp.float32 else dtype,
+    rngs=rngs,
+  )
+
+
+@dataclasses.dataclass
+class TrainSetup:
+  """Everything static about a run: mesh, model structure, optimizer, shardings."""
+
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  rest: nnx.State  # Non-parameter model state (dropout RNG streams).
+  input_names: tuple[str, ...]
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  abstract_state: dict  # ShapeDtypeStructs carrying their shardings.
+  state_shardings: dict
+  batch_sharding: NamedSharding
+  init_params: Callable[[], dict]  # Creates the params already sharded.
+  num_params: int
+  rules: tuple
+
+  def context(self):
+    """The mesh and logical-axis rules that activation constraints resolve against."""
+    return _Context(self.mesh, self.rules)
+
+  def compile_eval_step(self, batch_spec: dict):
+    """The eval step compiled for batches shaped like `batch_spec` (plus a weight field)."""
+    spec = dict(batch_spec)
+    first = next(iter(batch_spec.values()))
+    spec["weight"] = jax.ShapeDtypeStruct(
+      first.shape[:1], jnp.float32, sharding=self.batch_sharding
+    )
+    fn = steps.make_eval_step(graphdef=self.graphdef, rest=self.rest, input_names=self.input_names)
+    with self.context():
+      return jax.jit(fn).lower(self.abstract_state["params"], spec).compile()
+
+
+class _Context:
+  def __init__(self, mesh, rules):
+    self._stack = contextlib.ExitStack()
+    self._mesh, self._rules = mesh, rules
+
+  def __enter__(self):
+    self._stack.enter_context(jax.set_mesh(self._mesh))
+    self._stack.enter_context(nnx.logical_axis_rules(self._rules))
+    return self
+
+  def __exit__(self, *exc):
+    return self._stack.__exit__(*exc)
+
+
+def make_setup(
+  config: ml_collections.ConfigDict, *, vocab_size: int, num_classes: int
+) -> TrainSetup:
+  """Resolves the mesh and the sharded abstract train state for `config`."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple(config.sharding_rules)
+
+  def create():
+    return build_model(
+      config.model,
+      vocab_size=vocab_size,
+      num_classes=num_classes,
+      rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
+    )
+
+  abstract_model = nnx.eval_shape(create)
+  graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+  param_shardings = sharding.param_shardings(abstract_params, mesh, rules)
+  # The RNG streams are small; make them concretely, once.
+  rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[2])()
+
+  def _init_params():
+    return nnx.to_pure_dict(nnx.split(create(), nnx.Param, ...)[1])
+
+  init_params = jax.jit(_init_params, out_shardings=param_shardings)
+
+  tx, schedule = optimizers.make_optimizer(config.optimizer, config.num_train_steps)
+  abs_params = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    nnx.to_pure_dict(abstract_params),
+    param_shardings,
+  )
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  opt_shardings = optax.tree_map_params(
+    tx,
+    lambda _, s: s,
+    abs_opt,
+    param_shardings,
+    transform_non_params=lambda _: replicated,
+    is_leaf=lambda x: isinstance(x, NamedSharding),
+  )
+  state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+  abstract = {
+    "params": abs_params,
+    "opt_state": abs_opt,
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+  }
+  abstract_state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings
+  )
+  num_params = sum(int(x.size) for x in jax.tree.leaves(abs_params))
+  return TrainSetup(
+    mesh=mesh,
+    graphdef=graphdef,
+    rest=rest,
+    input_names=tuple(type(abstract_model).input_names),
+    tx=tx,
+    schedule=schedule,
+    abstract_state=abstract_state,
+    state_shardings=state_shardings,
+    batch_sharding=sharding.batch_sharding(mesh, rules),
+    init_params=init_params,
+    num_params=num_params,
+    rules=rules,
+  )
+
+
+def init_state(setup: TrainSetup, params: dict | None = None) -> dict:
+  """A fresh train state (step 0), sharded; `params` (e.g. from init_from) if given."""
+  if params is None:
+    params = setup.init_params()
+  opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), setup.state_shardings["step"])
+  return {"params": params, "opt_state": opt_state, "step": step}

@@ -1,0 +1,131 @@
+"""The jitted train and eval steps, as pure functions of a state pytree.
+
+The train state is a plain pytree, the unit of sharding, donation and
+checkpointing:
+  {"params": nested dict of arrays, "opt_state": optax state, "step": int32}
+The model's graph definition and its non-parameter state (dropout RNG streams)
+are closed over; dropout keys are re-derived from (seed, step) every step, so
+a resumed run draws exactly the masks an uninterrupted one would.
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def classification_sums(
+  logits: jax.Array, targets: jax.Array, weights: jax.Array | None
+) -> dict[str, jax.Array]:
+  """Summed (not averaged) loss and correct count, with the example count.
+
+  Sums let micro-batches, devices and eval batches combine exactly; `weights`
+  (1 real, 0 padding) drop the eval pipeline's padding examples.
+  """
+  if weights is None:
+    weights = jnp.ones(targets.shape, jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {
+    "loss_sum": jnp.sum(losses * weights),
+    "correct_sum": jnp.sum(correct * weights),
+    "count": jnp.sum(weights),
+  }
+
+
+def _apply_model(graphdef, params, rest, batch, input_names, *, deterministic, dropout_key=None):
+  model = nnx.merge(graphdef, params, rest)
+  if dropout_key is not None:
+    nnx.reseed(model, dropout=dropout_key)
+  return model(*[batch[n] for n in input_names], deterministic=deterministic)
+
+
+def make_train_step(
+  *,
+  graphdef: nnx.GraphDef,
+  rest: nnx.State,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  input_names: Sequence[str],
+  seed: int,
+  grad_accum_steps: int = 1,
+) -> Callable:
+  """Returns train_step(state, batch) -> (state, metrics); jit it with the state donated.
+
+  With grad_accum_steps = k the global batch is split into k micro-batches run
+  one after another (lax.scan) and their gradients summed, so one step still
+  makes one optimizer update over the whole batch, with about 1/k the
+  activation memory.
+  """
+  base_key = jax.random.key(seed)
+
+  def sums_and_grads(params, batch, dropout_key):
+    def loss_fn(p):
+      logits = _apply_model(
+        graphdef, p, rest, batch, input_names, deterministic=False, dropout_key=dropout_key
+      )
+      sums = classification_sums(logits, batch["targets"], batch.get("weight"))
+      return sums["loss_sum"], sums
+
+    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return sums, grads
+
+  def train_step(state, batch):
+    step = state["step"]
+    params = state["params"]
+    step_key = jax.random.fold_in(base_key, step)
+    if grad_accum_steps == 1:
+      sums, grads = sums_and_grads(params, batch, step_key)
+    else:
+      k = grad_accum_steps
+
+      def split(x):
+        # [B, ...] -> [k, B/k, ...] taking every k-th example, so the sharded
+        # batch axis stays sharded and no device exchanges data.
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+      micro = jax.tree.map(split, batch)
+
+      def body(carry, xs):
+        i, mb = xs
+        sums, grads = sums_and_grads(params, mb, jax.random.fold_in(step_key, i))
+        return jax.tree.map(jnp.add, carry, (sums, grads)), None
+
+      zeros = jax.tree.map(
+        jnp.zeros_like,
+        (
+          {"loss_sum": 0.0, "correct_sum": 0.0, "count": 0.0},
+          params,
+        ),
+      )
+      (sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+    count = jnp.maximum(sums["count"], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics = {
+      "loss": sums["loss_sum"] / count,
+      "accuracy": sums["correct_sum"] / count,
+      "learning_rate": schedule(step),
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(new_params),
+      "update_norm": optax.global_norm(updates),
+    }
+    return {"params": new_params, "opt_state": opt_state, "step": step + 1}, metrics
+
+  return train_step
+
+
+def make_eval_step(
+  *, graphdef: nnx.GraphDef, rest: nnx.State, input_names: Sequence[str]
+) -> Callable:
+  """Returns eval_step(params, batch) -> summed loss/correct/count over the batch."""
+
+  def eval_step(params, batch):
+    logits = _apply_model(graphdef, params, rest, batch, input_names, deterministic=True)
+    return classification_sums(logits, batch["targets"], batch.get("weight"))
+
+  return eval_step

@@ -1,0 +1,263 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop, read top to bottom.
+
+Resume order: a checkpoint in `workdir` -> `config.init_from` (parameters
+only) -> scratch. The same function runs on one CPU, one GPU, or every process
+of a multi-host pod (after `distributed.initialize`).
+"""
+
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from efficient_transformers.data import pipeline, tasks
+from efficient_transformers.errors import CheckpointError, ConfigError
+from efficient_transformers.training import checkpointing, sharding, state, steps
+from efficient_transformers.training.evaluation import evaluate, model_fingerprint
+from efficient_transformers.training.metrics import MetricWriter
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or Inf."""
+
+
+class _Preemption:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning("Received signal %d: saving a checkpoint, then stopping.", signum)
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      # Every process must agree to stop at the same step, or the collectives
+      # of the final save would hang: take the OR of all processes' flags.
+      flags = multihost_utils.process_allgather(np.asarray(self.requested))
+      return bool(np.any(flags)) or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+  for key in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps"):
+    if config[key] <= 0:
+      raise ConfigError(f"config.{key} must be positive; got {config[key]}.")
+  if config.checkpoint_every_steps < 0:
+    raise ConfigError(
+      f"config.checkpoint_every_steps must be >= 0; got {config.checkpoint_every_steps}."
+    )
+  if config.batch_size % jax.process_count():
+    raise ConfigError(
+      f"config.batch_size={config.batch_size} must divide evenly over "
+      f"{jax.process_count()} processes."
+    )
+  accum = config.optimizer.grad_accum_steps
+  if config.batch_size % accum:
+    raise ConfigError(
+      f"config.batch_size={config.batch_size} must be divisible by "
+      f"config.optimizer.grad_accum_steps={accum}."
+    )
+
+
+def _first_nonfinite(pending: list[tuple[int, dict]]) -> int | None:
+  for step, metrics in pending:
+    if not math.isfinite(float(np.asarray(metrics["loss"]))):
+      return step
+  return None
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir`; returns the final validation metrics."""
+  _check_config(config)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  is_main = process_index == 0
+  if is_main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  # ---------------------------------------------------------------- Input.
+  task = tasks.load(config)
+  train_iter = pipeline.train_iterator(
+    task.splits["train"],
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
+
+  def validation_batches():
+    return pipeline.eval_batches(
+      task.splits["validation"],
+      global_batch_size=config.batch_size,
+      process_index=process_index,
+      process_count=process_count,
+    )
+
+  # ---------------------------------------------------------------- Mesh, model, shardings.
+  setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
+  logging.info(
+    "Mesh %s over %d devices (%s); model %s with %s attention, %d parameters.",
+    dict(setup.mesh.shape),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+    config.model.kind,
+    config.model.attention,
+    setup.num_params,
+  )
+
+  # ---------------------------------------------------------------- Update step (compiled AOT).
+  train_step = steps.make_train_step(
+    graphdef=setup.graphdef,
+    rest=setup.rest,
+    tx=setup.tx,
+    schedule=setup.schedule,
+    input_names=setup.input_names,
+    seed=config.seed,
+    grad_accum_steps=config.optimizer.grad_accum_steps,
+  )
+  batch_spec = {
+    k: jax.ShapeDtypeStruct(
+      (config.batch_size, *v.shape[1:]), v.dtype, sharding=setup.batch_sharding
+    )
+    for k, v in task.splits["train"].items()
+  }
+  with setup.context():
+    compiled_train_step = (
+      jax.jit(train_step, donate_argnums=0, out_shardings=(setup.state_shardings, None))
+      .lower(setup.abstract_state, batch_spec)
+      .compile()
+    )
+    eval_step = setup.compile_eval_step(batch_spec)
+  memory = compiled_train_step.memory_analysis()
+  if memory is not None:
+    logging.info(
+      "Compiled train step: %.1f MiB temporaries, %.1f MiB arguments per device.",
+      memory.temp_size_in_bytes / 2**20,
+      memory.argument_size_in_bytes / 2**20,
+    )
+
+  # ---------------------------------------------------------------- Checkpoint: resume or start.
+  fingerprint = model_fingerprint(config, task)
+  ckpt = checkpointing.Checkpointer(
+    workdir, max_to_keep=config.max_checkpoints_to_keep, fingerprint=fingerprint
+  )
+  if ckpt.latest_step() is not None:
+    step, train_state, data_state = ckpt.restore(setup.abstract_state, which="latest")
+    if data_state is not None:
+      train_iter.set_state(data_state["train_iterator"])
+    logging.info("Resumed from %s at step %d.", workdir, step)
+  elif config.init_from:
+    source = checkpointing.Checkpointer(config.init_from, fingerprint=fingerprint)
+    if source.latest_step() is None and source.best_step() is None:
+      raise CheckpointError(f"config.init_from={config.init_from!r} holds no checkpoint.")
+    which = "best" if source.best_step() is not None else "latest"
+    _, loaded, _ = source.restore(setup.abstract_state, which=which)
+    source.close()
+    train_state = state.init_state(setup, params=loaded["params"])
+    logging.info("Initialized parameters from %s (%s).", config.init_from, which)
+  else:
+    train_state = state.init_state(setup)
+  step = int(jax.device_get(train_state["step"]))
+
+  # ---------------------------------------------------------------- Loop.
+  writer = MetricWriter(
+    workdir, enabled=is_main, total_steps=config.num_train_steps, initial_step=step
+  )
+  tokens_per_example = int(
+    sum(np.prod(v.shape[1:]) for k, v in task.splits["train"].items() if k in setup.input_names)
+  )
+  pending: list[tuple[int, dict]] = []  # Per-step metrics still on device.
+  last_eval: dict = {}
+  t_log, step_log = time.perf_counter(), step
+
+  def flush_train_metrics():
+    nonlocal t_log, step_log
+    if not pending:
+      return
+    host = jax.device_get(pending)
+    bad = _first_nonfinite(host)
+    if bad is not None:
+      raise NonFiniteLossError(
+        f"Training loss is {float(host[[s for s, _ in host].index(bad)][1]['loss'])} at step "
+        f"{bad}; stopping. Lower config.optimizer.learning_rate, set "
+        "config.optimizer.grad_clip_norm, or check the data."
+      )
+    pending.clear()
+    elapsed = time.perf_counter() - t_log
+    done = host[-1][0] - step_log
+    means = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
+    if done > 0 and elapsed > 0:
+      means["steps_per_sec"] = done / elapsed
+      means["examples_per_sec"] = done * config.batch_size / elapsed
+      means["tokens_per_sec"] = done * config.batch_size * tokens_per_example / elapsed
+    writer.write(host[-1][0], "train", means)
+    t_log, step_log = time.perf_counter(), host[-1][0]
+
+  def save(at_step: int, metrics: dict | None = None):
+    flush_train_metrics()  # Never checkpoint parameters that went NaN.
+    ckpt.save(
+      at_step,
+      train_state,
+      data_state={"train_iterator": train_iter.get_state()},
+      metrics=metrics,
+    )
+
+  with _Preemption() as preemption:
+    while step < config.num_train_steps:
+      batch = sharding.global_batch(next(train_iter), setup.batch_sharding)
+      with jax.transfer_guard("disallow"):
+        train_state, metrics = compiled_train_step(train_state, batch)
+      step += 1
+      pending.append((step, metrics))
+      writer.advance(step)
+
+      if step % config.log_every_steps == 0:
+        flush_train_metrics()
+      is_last = step == config.num_train_steps
+      if step % config.eval_every_steps == 0 or is_last:
+        flush_train_metrics()
+        last_eval = evaluate(
+          eval_step,
+          train_state["params"],
+          validation_batches(),
+          setup.batch_sharding,
+          max_batches=config.num_eval_batches,
+        )
+        writer.write(step, "validation", last_eval)
+        save(step, metrics=last_eval)
+      elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        save(step)
+      if not is_last and preemption.should_stop(step):
+        save(step)
+        logging.warning("Stopped at step %d after a preemption signal; rerun to resume.", step)
+        break
+  flush_train_metrics()
+  writer.close()
+  ckpt.close()
+  if is_main and last_eval:
+    with open(os.path.join(workdir, "validation.json"), "w") as f:
+      json.dump({"step": step, **{k: float(v) for k, v in last_eval.items()}}, f, indent=2)
+  return last_eval

@@ -1,0 +1,213 @@
+"""Checkpointer: round trip, sharded restore, keep-N, best, damage fallback, mismatch errors."""
+
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from efficient_transformers.errors import CheckpointError
+from efficient_transformers.training.checkpointing import Checkpointer
+
+LOGGER = "efficient_transformers.training.checkpointing"
+
+
+def make_state(step: int, width: int = 3):
+  """A small train state whose values identify the step it was saved at."""
+  return {
+    "params": {"w": jnp.full((8, width), float(step)), "b": jnp.arange(3.0) + step},
+    "opt": {"mu": {"w": jnp.full((8, width), step / 10)}, "count": jnp.array(step, jnp.int32)},
+    "step": jnp.array(step, jnp.int32),
+  }
+
+
+def abstract(state, sharding=None):
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+@pytest.fixture
+def new_checkpointer(tmp_path):
+  """Builds Checkpointers on one workdir and closes them all after the test."""
+  made = []
+
+  def make(**kwargs):
+    made.append(Checkpointer(str(tmp_path), **kwargs))
+    return made[-1]
+
+  yield make
+  for checkpointer in made:
+    checkpointer.close()
+
+
+def steps_on_disk(workdir: pathlib.Path, folder: str) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / folder).iterdir() if p.name.isdigit())
+
+
+def test_round_trip_with_data_state_and_sharding(new_checkpointer):
+  ckpt = new_checkpointer()
+  state = make_state(7)
+  data_state = {"grain": {"next_index": 42, "worker": [0, 1]}}
+  ckpt.save(7, state, data_state=data_state)
+
+  mesh = Mesh(np.array(jax.devices()), ("data",))
+  sharded = NamedSharding(mesh, PartitionSpec("data"))
+  target = abstract(state, NamedSharding(mesh, PartitionSpec()))
+  target["params"]["w"] = jax.ShapeDtypeStruct((8, 3), jnp.float32, sharding=sharded)
+  step, restored, restored_data = ckpt.restore(target)
+
+  assert step == 7
+  assert restored_data == data_state
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  assert restored["params"]["w"].sharding.is_equivalent_to(sharded, 2)
+  assert len(restored["params"]["w"].addressable_shards) == 8
+  assert restored["params"]["w"].addressable_shards[0].data.shape == (1, 3)
+
+
+def test_keep_n_keeps_best_even_if_older(new_checkpointer, tmp_path):
+  ckpt = new_checkpointer(max_to_keep=2)
+  for step, accuracy in zip(range(1, 6), [0.1, 0.9, 0.3, 0.2, 0.4], strict=True):
+    ckpt.save(step, make_state(step), data_state={"i": step}, metrics={"accuracy": accuracy})
+
+  assert steps_on_disk(tmp_path, "checkpoints") == [4, 5]
+  assert steps_on_disk(tmp_path, "best") == [2]
+  assert (ckpt.latest_step(), ckpt.best_step()) == (5, 2)
+  step, state, data_state = ckpt.restore(abstract(make_state(0)), which="best")
+  assert (step, int(state["step"]), data_state) == (2, 2, {"i": 2})
+  assert float(state["params"]["w"][0, 0]) == 2.0
+  assert ckpt.restore(abstract(make_state(0)), which=4)[0] == 4
+  with pytest.raises(CheckpointError, match="No 3 checkpoint"):
+    ckpt.restore(abstract(make_state(0)), which=3)
+
+
+@pytest.mark.parametrize(
+  "mode,values,best",
+  [("max", [0.5, 0.7, 0.7, 0.6], 2), ("min", [3.0, 1.0, 2.0, 1.0], 2)],
+)
+def test_best_tracking_ties_keep_earlier(new_checkpointer, mode, values, best):
+  ckpt = new_checkpointer(best_metric="loss", best_mode=mode)
+  for step, value in enumerate(values, start=1):
+    # A jax scalar, as an evaluator returns it: must be stored as a float.
+    ckpt.save(step, make_state(step), metrics={"loss": jnp.float32(value), "other": 0.0})
+  assert ckpt.best_step() == best
+  assert ckpt.restore(abstract(make_state(0)), which="best")[0] == best
+
+
+def delete_arrays(step_dir: pathlib.Path):
+  for f in (step_dir / "state").rglob("d/*"):
+    f.unlink()
+
+
+def truncate_arrays(step_dir: pathlib.Path):
+  for f in (step_dir / "state").rglob("d/*"):
+    f.write_bytes(f.read_bytes()[:5])
+
+
+def corrupt_metadata(step_dir: pathlib.Path):
+  (step_dir / "state" / "_METADATA").write_text("{not json")
+
+
+# A failed tensorstore read leaves sibling reads in flight; their late callbacks hit
+# Orbax's already-closed event loop and print "Event loop is closed" (harmless).
+tolerate_late_reads = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@tolerate_late_reads
+@pytest.mark.parametrize("damage", [delete_arrays, truncate_arrays, corrupt_metadata])
+def test_damaged_latest_falls_back(new_checkpointer, tmp_path, caplog, damage):
+  ckpt = new_checkpointer()
+  for step in (1, 2):
+    ckpt.save(step, make_state(step), data_state={"i": step})
+  damage(tmp_path / "checkpoints" / "2")
+  # A save killed mid-write leaves a tmp folder; it must be neither listed nor restored.
+  (tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-99" / "state").mkdir(parents=True)
+
+  ckpt = new_checkpointer()
+  assert ckpt.latest_step() == 2
+  with caplog.at_level(logging.WARNING, logger=LOGGER):
+    step, state, data_state = ckpt.restore(abstract(make_state(0)))
+  assert (step, int(state["step"]), data_state) == (1, 1, {"i": 1})
+  assert any("step 2" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+
+  # Training goes on from step 1: the damaged step 2 is replaced, not kept or refused.
+  ckpt.save(2, make_state(22))
+  assert int(ckpt.restore(abstract(make_state(0)))[1]["step"]) == 22
+
+
+@tolerate_late_reads
+def test_all_damaged_raises(new_checkpointer, tmp_path):
+  ckpt = new_checkpointer()
+  for step in (1, 2):
+    ckpt.save(step, make_state(step))
+    delete_arrays(tmp_path / "checkpoints" / str(step))
+  with pytest.raises(
+    CheckpointError, match=r"Every latest checkpoint .* is damaged.*step 2.*step 1"
+  ):
+    ckpt.restore(abstract(make_state(0)))
+
+
+def test_incompatible_shape_or_tree_raises(new_checkpointer):
+  ckpt = new_checkpointer()
+  ckpt.save(1, make_state(1))
+  ckpt.save(2, make_state(2))
+  with pytest.raises(
+    CheckpointError, match=r"'opt/mu/w' is float32\[8, 3\] .* float32\[8, 5\] .*; 'params/w' is"
+  ):
+    ckpt.restore(abstract(make_state(0, width=5)))
+  extra = make_state(0)
+  extra["params"]["new"] = jnp.zeros(2)
+  with pytest.raises(CheckpointError, match="'params/new' is only in the model.*fresh --workdir"):
+    ckpt.restore(abstract(extra))
+  wrong_dtype = abstract(make_state(0))
+  wrong_dtype["step"] = jax.ShapeDtypeStruct((), jnp.float32, sharding=wrong_dtype["step"].sharding)
+  with pytest.raises(CheckpointError, match="'step' is int32"):
+    ckpt.restore(wrong_dtype)
+
+
+def test_fingerprint_mismatch_raises(new_checkpointer, tmp_path):
+  fingerprint = {"model": {"attention": "softmax", "num_layers": 2}, "task": "listops"}
+  new_checkpointer(fingerprint=fingerprint).save(1, make_state(1))
+  # Same fingerprint (tuples/ints JSON round trip): restores.
+  assert new_checkpointer(fingerprint=fingerprint).restore(abstract(make_state(0)))[0] == 1
+  other = {"model": {"attention": "performer", "num_layers": 2}, "task": "listops"}
+  with pytest.raises(
+    CheckpointError, match=r"model\.attention: stored 'softmax', current 'performer'"
+  ):
+    new_checkpointer(fingerprint=other).restore(abstract(make_state(0)))
+  assert str(tmp_path) in str(
+    pytest.raises(
+      CheckpointError, new_checkpointer(fingerprint={}).restore, abstract(make_state(0))
+    ).value
+  )
+
+
+def test_data_state_from_other_process_count_raises(new_checkpointer, tmp_path):
+  ckpt = new_checkpointer()
+  ckpt.save(1, make_state(1), data_state={"i": 1})
+  files = list((tmp_path / "checkpoints" / "1" / "data_state").glob("process_*.json"))
+  assert [f.name for f in files] == ["process_0-of-1.json"]
+  files[0].rename(files[0].with_name("process_0-of-2.json"))
+  with pytest.raises(CheckpointError, match="different number of processes"):
+    new_checkpointer().restore(abstract(make_state(0)))
+
+
+def test_new_checkpointer_reads_steps_and_best_from_disk(new_checkpointer, tmp_path):
+  ckpt = new_checkpointer()
+  assert (ckpt.latest_step(), ckpt.best_step()) == (None, None)
+  with pytest.raises(CheckpointError, match=str(tmp_path)):
+    ckpt.restore(abstract(make_state(0)))
+  ckpt.save(1, make_state(1), metrics={"accuracy": 0.8})
+  ckpt.save(2, make_state(2), metrics={"accuracy": 0.5})
+  ckpt.close()
+
+  again = new_checkpointer()
+  assert (again.latest_step(), again.best_step()) == (2, 1)
+  # The stored best metric is what a new value must beat, not "no best yet".
+  again.save(3, make_state(3), metrics={"accuracy": 0.7})
+  assert again.best_step() == 1
+  again.save(4, make_state(4), metrics={"accuracy": 0.85})
+  assert again.best_step() == 4
+  assert steps_on_disk(tmp_path, "best") == [4]
