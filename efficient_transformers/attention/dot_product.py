@@ -84,7 +84,7 @@ def _rows_with_a_key(mask: jax.Array | None, q_length: int, causal: bool) -> jax
   row i sees one iff some key j <= i is real (a running count).
   """
   if mask is None:
-    # Causal row i always sees key i (or key kv_len-1 when q_len > kv_len).
+    # Every row sees key 0 at least (causal or not).
     return None
   if causal:
     seen = jnp.cumsum(mask.astype(jnp.int32), axis=1) > 0  # [batch, kv_length]
