@@ -43,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # The generator's parameters (LRA's); used only when data_dir has no files.
   c.data = ml_collections.ConfigDict()
+  c.data.generate = True  # False: a missing data_dir is an error instead.
   c.data.generator_seed = 0
   c.data.num_train = 96_000
   c.data.num_val = 2_000
@@ -87,8 +88,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.tensor = 1
   # Logical axis -> mesh axes. The one table mapping names the model uses.
   c.sharding_rules = (
+    # Data: the batch axis of inputs and activations.
     ("batch", ("data", "fsdp")),
-    ("length", None),
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    # Parameters: FSDP shards the embedding axis, tensor parallelism heads/MLP.
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv", None),

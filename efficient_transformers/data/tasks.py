@@ -7,13 +7,14 @@ Each split is a dict of equally long numpy arrays: the model's input fields
 """
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator, Mapping
 
 import ml_collections
 import numpy as np
 
 from efficient_transformers.data import listops
-from efficient_transformers.errors import ConfigError
+from efficient_transformers.errors import ConfigError, DataError
 
 SPLITS = ("train", "validation", "test")
 
@@ -60,19 +61,40 @@ def available() -> list[str]:
   return sorted(_TASKS)
 
 
-def load(config: ml_collections.ConfigDict) -> TaskData:
-  """The task named by `config.task`, its data ensured under `config.data_dir`."""
+def load(config: ml_collections.ConfigDict, *, generate: bool = True) -> TaskData:
+  """The task named by `config.task`, its data under `config.data_dir`.
+
+  Args:
+    config: the run's config.
+    generate: whether a task that can generate its data (ListOps) may do so
+      when `data_dir` has none (and `config.data.generate` allows it).
+      Evaluation passes False: a missing test set there is a wrong path.
+  """
   if config.task not in _TASKS:
     raise ConfigError(f"config.task={config.task!r} is unknown; valid: {', '.join(available())}.")
-  return _TASKS[config.task](config)
+  return _TASKS[config.task](config, generate=generate and config.data.get("generate", True))
 
 
 @register("listops")
-def _listops(config: ml_collections.ConfigDict) -> TaskData:
+def _listops(config: ml_collections.ConfigDict, *, generate: bool) -> TaskData:
   params = config.data.to_dict()
+  params.pop("generate", None)
   seed = params.pop("generator_seed")
-  # Reads the release's (or earlier generated) TSVs if present, else generates them.
-  listops.ensure_data(config.data_dir, seed=seed, **params)
+  if generate:
+    # Reads the release's (or earlier generated) TSVs if present, else generates them.
+    listops.ensure_data(config.data_dir, seed=seed, **params)
+  else:
+    missing = [
+      listops.split_path(config.data_dir, s)
+      for s in listops.SPLITS
+      if not os.path.exists(listops.split_path(config.data_dir, s))
+    ]
+    if missing:
+      raise DataError(
+        f"ListOps data missing in config.data_dir={config.data_dir!r}: {', '.join(missing)}. "
+        f"Point config.data_dir at the training data, or generate it with: "
+        f"python -m efficient_transformers.data.listops --data_dir={config.data_dir}"
+      )
   file_split = {"train": "train", "validation": "val", "test": "test"}
 
   def read(split: str) -> dict[str, np.ndarray]:

@@ -12,7 +12,9 @@ from efficient_transformers import attention
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.layers import FeedForward, TokenEmbedding, constrain, param_axes
 
-ACTIVATION_AXES = ("batch", "length", "embed")
+# Activations get names of their own: "embed" shards parameters over fsdp, while
+# the activation batch already uses that mesh axis.
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
 
 
 def layer_norm(features: int, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):

@@ -40,9 +40,6 @@ class _ProcessJsonHandler(ocp.CheckpointHandler):
   def restore(self, directory: epath.Path, args: "_ProcessJsonRestore | None" = None):
     return json.loads((directory / _process_file()).read_text())
 
-  def metadata(self, directory: epath.Path):
-    return None
-
 
 @ocp.args.register_with_handler(_ProcessJsonHandler, for_save=True)
 @dataclasses.dataclass
@@ -63,6 +60,14 @@ def _process_file() -> str:
 def _path_str(path) -> str:
   """'params/w' for a jax key path, whatever the node types."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _damaged(step: int, where: str, error: Exception) -> str:
+  """Logs and returns why a checkpoint could not be read."""
+  # Tensorstore errors carry a whole JSON spec; the head names the missing/bad file.
+  message = f"step {step} ({where}) is damaged: {type(error).__name__}: {str(error)[:300]}"
+  log.warning("Checkpoint %s", message)
+  return message
 
 
 def _first_json_diff(stored, given, prefix="") -> str | None:
@@ -108,24 +113,37 @@ class Checkpointer:
     self._best_metric, self._best_mode = best_metric, best_mode
     # A JSON round trip now, so tuples/int keys compare equal to what comes back from disk.
     self._fingerprint = None if fingerprint is None else json.loads(json.dumps(fingerprint))
-    self._periodic = self._manager("checkpoints", max_to_keep)
+    self._max_to_keep = max_to_keep
+    # Reading must not write: eval and init_from open the workdirs of runs that may still
+    # be saving, whose in-flight tmp folders Orbax's cleanup would delete. So the managers
+    # start read-only and are reopened for writing on the first save.
+    self._writing = False
+    self._periodic = self._manager("checkpoints", None, write=False)
     # Not Orbax's best_fn: on a tie it keeps the newer step (we keep the earlier), and
     # it would need metrics on every save. We decide "improved" and keep one step here.
-    self._best = self._manager("best", None)
+    self._best = self._manager("best", None, write=False)
     self._best_value = self._stored_best_value()
-    self._damaged: set[int] = set()  # Periodic steps restore found unreadable.
+    self._resumed_from: int | None = None  # The step `restore` last returned.
 
-  def _manager(self, name: str, max_to_keep: int | None) -> ocp.CheckpointManager:
+  def _manager(self, name: str, max_to_keep: int | None, write: bool) -> ocp.CheckpointManager:
+    # Two managers save at once in every process; without their own barrier names
+    # their multi-process commit barriers collide ("Barrier ... is already ongoing").
+    multiprocessing = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+    json_handler = lambda: ocp.JsonCheckpointHandler(multiprocessing_options=multiprocessing)
     handlers = {
-      "state": ocp.StandardCheckpointHandler(),
+      "state": ocp.StandardCheckpointHandler(multiprocessing_options=multiprocessing),
       "data_state": _ProcessJsonHandler(),
-      "metrics": ocp.JsonCheckpointHandler(),
-      "fingerprint": ocp.JsonCheckpointHandler(),
+      "metrics": json_handler(),
+      "fingerprint": json_handler(),
     }
     # cleanup_tmp_directories: a save killed mid-write leaves a tmp folder that
     # Orbax never lists as a step; delete it instead of letting it pile up.
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True
+      max_to_keep=max_to_keep,
+      create=write,
+      cleanup_tmp_directories=write,
+      save_root_metadata=write,
+      multiprocessing_options=multiprocessing,
     )
     return ocp.CheckpointManager(self.workdir / name, options=options, item_handlers=handlers)
 
@@ -137,12 +155,15 @@ class Checkpointer:
     """The step of the best checkpoint so far, or None."""
     return self._best.latest_step()
 
-  def save(self, step: int, state, *, data_state=None, metrics=None) -> None:
+  def save(
+    self, step: int, state, *, data_state: dict | None = None, metrics: dict | None = None
+  ) -> None:
     """Saves `state` at `step`; returns once it is on disk (safe to be killed after).
 
-    Periodic checkpoints newer than `step`, or at `step` but found damaged, belong
-    to an abandoned timeline (we resumed from an older step) and are deleted first,
-    or Orbax would refuse the step and keep-N would drop the new ones.
+    Periodic checkpoints newer than `step`, or than the step last restored (e.g. the
+    damaged steps restore fell back past), belong to an abandoned timeline and are
+    deleted first: Orbax would refuse older steps, keep-N would drop the new ones,
+    and "latest" would point at the old run.
 
     Args:
       step: the training step.
@@ -154,24 +175,31 @@ class Checkpointer:
     if metrics is not None:
       # device_get: an explicit copy, allowed under jax_transfer_guard="disallow".
       metrics = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+    # Decided before writing anything, so a bad best_metric fails without a half-done save.
+    improved = metrics is not None and self._improves(metrics)
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data_state=_ProcessJsonSave(data_state),
       metrics=ocp.args.JsonSave(metrics),
       fingerprint=ocp.args.JsonSave(self._fingerprint),
     )
+    if not self._writing:
+      self.close()
+      self._periodic = self._manager("checkpoints", self._max_to_keep, write=True)
+      self._best = self._manager("best", None, write=True)
+      self._writing = True
+    newest_kept = step if self._resumed_from is None else min(step, self._resumed_from)
+    self._resumed_from = None
     for old in self._periodic.all_steps():
-      if old > step or (old == step and old in self._damaged):
+      if old > newest_kept:
         log.warning(
           "Deleting checkpoint %s/checkpoints/%d: superseded by step %d.", self.workdir, old, step
         )
         self._periodic.delete(old)
-    self._damaged.clear()
-    # A second save at a saved step (e.g. on SIGTERM right after a periodic save) is a
-    # no-op rather than a delete-and-rewrite that a kill could interrupt.
+    # A second save at a saved step of this timeline (e.g. on SIGTERM right after a
+    # periodic save) is a no-op, not a delete-and-rewrite that a kill could interrupt.
     if step not in self._periodic.all_steps():
       self._periodic.save(step, args=args, force=True)
-    improved = metrics is not None and self._improves(metrics)
     if improved:
       old_best = self._best.all_steps()
       if step not in old_best:
@@ -210,7 +238,7 @@ class Checkpointer:
       return value == value  # False for NaN.
     return value > self._best_value if self._best_mode == "max" else value < self._best_value
 
-  def restore(self, abstract_state, *, which: str | int = "latest"):
+  def restore(self, abstract_state, *, which: str | int = "latest") -> tuple[int, Any, Any]:
     """Restores a checkpoint onto `abstract_state`'s shapes, dtypes and shardings.
 
     Args:
@@ -236,7 +264,7 @@ class Checkpointer:
       raise ValueError(f"which must be 'latest', 'best' or a step, got {which!r}")
     if not steps:
       raise CheckpointError(
-        f"No {which} checkpoint in {self.workdir} (periodic steps: "
+        f"No checkpoint for which={which!r} in {self.workdir} (periodic steps: "
         f"{self._periodic.all_steps()}, best: {self._best.all_steps()})."
       )
     errors = []
@@ -251,7 +279,7 @@ class Checkpointer:
         if meta is None:
           raise ValueError("its array metadata is missing")
       except Exception as e:  # Unreadable metadata: a damaged step.
-        errors.append(self._damage(step, where, e))
+        errors.append(_damaged(step, where, e))
         continue
       # Outside the try: an incompatible checkpoint is the user's to fix, not a fallback.
       self._check_compatible(where, meta, fingerprint, abstract_state)
@@ -263,24 +291,17 @@ class Checkpointer:
           ),
         )
       except Exception as e:  # Truncated or missing array files.
-        errors.append(self._damage(step, where, e))
+        errors.append(_damaged(step, where, e))
         continue
+      self._resumed_from = step
       return step, restored.state, restored.data_state
     raise CheckpointError(
-      f"Every {which} checkpoint in {self.workdir} is damaged: {'; '.join(errors)}. "
-      "Delete them to start from scratch, or restore another --workdir."
+      f"No readable checkpoint for which={which!r} in {self.workdir}: {'; '.join(errors)}. "
+      f"Delete {self.workdir} to start from scratch, or use another --workdir."
     )
 
-  def _damage(self, step: int, where: str, error: Exception) -> str:
-    # Tensorstore errors carry a whole JSON spec; the head names the missing/bad file.
-    message = f"step {step} ({where}) is damaged: {type(error).__name__}: {str(error)[:300]}"
-    log.warning("Checkpoint %s", message)
-    if self._periodic.directory in epath.Path(where).parents:
-      self._damaged.add(step)
-    return message
-
   def _check_compatible(self, where: str, meta, fingerprint, abstract_state) -> None:
-    """Raises CheckpointError naming the first difference between checkpoint and run."""
+    """Raises CheckpointError naming how the checkpoint differs from this run."""
     hint = f"Checkpoint {where} does not match this run"
     if self._fingerprint is not None:
       diff = _first_json_diff(fingerprint, self._fingerprint)
@@ -304,15 +325,11 @@ class Checkpointer:
     if diffs:
       more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
       raise CheckpointError(f"{hint}: {'; '.join(diffs[:5])}{more}. To fix, {_FRESH}.")
-    self._check_process_count(where)
-
-  def _check_process_count(self, where: str) -> None:
-    files = [p.name for p in (epath.Path(where) / "data_state").glob("process_*.json")]
+    files = sorted(p.name for p in (epath.Path(where) / "data_state").glob("process_*.json"))
     if _process_file() not in files:
       raise CheckpointError(
-        f"Checkpoint {where} holds data-iterator state for {sorted(files)}, not for "
-        f"{_process_file()}: it was saved by a different number of processes. Resume "
-        "with the same number of processes, or use a fresh --workdir."
+        f"{hint}: it holds data-iterator state {files}, not {_process_file()}, so it was "
+        "saved by another number of processes. Resume with that many, or a fresh --workdir."
       )
 
   def close(self) -> None:

@@ -29,7 +29,7 @@ def evaluate_checkpoint(
   config: ml_collections.ConfigDict, workdir: str, *, which: str | int = "best", split: str = "test"
 ) -> dict:
   """Restores checkpoint `which`, evaluates `split`, writes `workdir/results.json`."""
-  task = tasks.load(config)
+  task = tasks.load(config, generate=False)
   setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
   ckpt = checkpointing.Checkpointer(workdir, fingerprint=model_fingerprint(config, task))
   if ckpt.latest_step() is None and ckpt.best_step() is None:
@@ -41,12 +41,7 @@ def evaluate_checkpoint(
   step, train_state, _ = ckpt.restore(setup.abstract_state, which=which)
   ckpt.close()
   arrays = task.splits[split]
-  batch_spec = {
-    k: jax.ShapeDtypeStruct(
-      (config.batch_size, *v.shape[1:]), v.dtype, sharding=setup.batch_sharding
-    )
-    for k, v in arrays.items()
-  }
+  batch_spec = setup.batch_spec(arrays, config.batch_size)
   eval_step = setup.compile_eval_step(batch_spec)
   batches = pipeline.eval_batches(
     arrays,

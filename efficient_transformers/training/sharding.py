@@ -29,14 +29,11 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, i
   named = dict(zip(MESH_AXES, sizes, strict=True))
   if -1 in sizes:
     if num_devices % known:
-      raise ConfigError(
-        f"config.mesh {named} does not divide {num_devices} devices."
-      )
+      raise ConfigError(f"config.mesh {named} does not divide {num_devices} devices.")
     sizes[sizes.index(-1)] = num_devices // known
   if int(np.prod(sizes)) != num_devices:
     raise ConfigError(
-      f"config.mesh {named} needs {int(np.prod(sizes))} devices; "
-      f"there are {num_devices}."
+      f"config.mesh {named} needs {int(np.prod(sizes))} devices; there are {num_devices}."
     )
   return tuple(sizes)
 

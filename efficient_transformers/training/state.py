@@ -73,6 +73,33 @@ class TrainSetup:
     """The mesh and logical-axis rules that activation constraints resolve against."""
     return _Context(self.mesh, self.rules)
 
+  def batch_spec(self, arrays: dict, global_batch_size: int) -> dict:
+    """Abstract global batch for a split's arrays, sharded on the batch axis."""
+    return {
+      k: jax.ShapeDtypeStruct(
+        (global_batch_size, *v.shape[1:]), v.dtype, sharding=self.batch_sharding
+      )
+      for k, v in arrays.items()
+    }
+
+  def compile_train_step(self, batch_spec: dict, *, seed: int, grad_accum_steps: int = 1):
+    """The train step compiled ahead of time, state donated: (state, batch) -> (state, metrics)."""
+    fn = steps.make_train_step(
+      graphdef=self.graphdef,
+      rest=self.rest,
+      tx=self.tx,
+      schedule=self.schedule,
+      input_names=self.input_names,
+      seed=seed,
+      grad_accum_steps=grad_accum_steps,
+    )
+    with self.context():
+      return (
+        jax.jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
+        .lower(self.abstract_state, batch_spec)
+        .compile()
+      )
+
   def compile_eval_step(self, batch_spec: dict):
     """The eval step compiled for batches shaped like `batch_spec` (plus a weight field)."""
     spec = dict(batch_spec)
@@ -100,10 +127,14 @@ class _Context:
 
 
 def make_setup(
-  config: ml_collections.ConfigDict, *, vocab_size: int, num_classes: int
+  config: ml_collections.ConfigDict,
+  *,
+  vocab_size: int,
+  num_classes: int,
+  devices: list | None = None,
 ) -> TrainSetup:
-  """Resolves the mesh and the sharded abstract train state for `config`."""
-  mesh = sharding.make_mesh(config.mesh)
+  """Resolves the mesh (over `devices`, default all) and the sharded abstract train state."""
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = tuple(config.sharding_rules)
 
   def create():

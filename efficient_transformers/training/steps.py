@@ -36,7 +36,9 @@ def classification_sums(
 
 
 def _apply_model(graphdef, params, rest, batch, input_names, *, deterministic, dropout_key=None):
-  model = nnx.merge(graphdef, params, rest)
+  # Fresh Variables for this trace: the closed-over `rest` was made outside it,
+  # and reseeding must not mutate state owned by another trace level.
+  model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
   if dropout_key is not None:
     nnx.reseed(model, dropout=dropout_key)
   return model(*[batch[n] for n in input_names], deterministic=deterministic)

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError, ConfigError
-from efficient_transformers.training import checkpointing, sharding, state, steps
+from efficient_transformers.training import checkpointing, sharding, state
 from efficient_transformers.training.evaluation import evaluate, model_fingerprint
 from efficient_transformers.training.metrics import MetricWriter
 
@@ -81,13 +81,6 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _first_nonfinite(pending: list[tuple[int, dict]]) -> int | None:
-  for step, metrics in pending:
-    if not math.isfinite(float(np.asarray(metrics["loss"]))):
-      return step
-  return None
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`; returns the final validation metrics."""
   _check_config(config)
@@ -99,7 +92,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   # ---------------------------------------------------------------- Input.
-  task = tasks.load(config)
+  # Process 0 makes missing data first so processes sharing a filesystem never
+  # generate the same files at once; on separate disks each then makes its own.
+  if process_index == 0:
+    task = tasks.load(config)
+  if process_count > 1:
+    multihost_utils.sync_global_devices("data ready")
+  if process_index != 0:
+    task = tasks.load(config)
   train_iter = pipeline.train_iterator(
     task.splits["train"],
     global_batch_size=config.batch_size,
@@ -129,28 +129,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   # ---------------------------------------------------------------- Update step (compiled AOT).
-  train_step = steps.make_train_step(
-    graphdef=setup.graphdef,
-    rest=setup.rest,
-    tx=setup.tx,
-    schedule=setup.schedule,
-    input_names=setup.input_names,
-    seed=config.seed,
-    grad_accum_steps=config.optimizer.grad_accum_steps,
+  batch_spec = setup.batch_spec(task.splits["train"], config.batch_size)
+  compiled_train_step = setup.compile_train_step(
+    batch_spec, seed=config.seed, grad_accum_steps=config.optimizer.grad_accum_steps
   )
-  batch_spec = {
-    k: jax.ShapeDtypeStruct(
-      (config.batch_size, *v.shape[1:]), v.dtype, sharding=setup.batch_sharding
-    )
-    for k, v in task.splits["train"].items()
-  }
-  with setup.context():
-    compiled_train_step = (
-      jax.jit(train_step, donate_argnums=0, out_shardings=(setup.state_shardings, None))
-      .lower(setup.abstract_state, batch_spec)
-      .compile()
-    )
-    eval_step = setup.compile_eval_step(batch_spec)
+  eval_step = setup.compile_eval_step(batch_spec)
   memory = compiled_train_step.memory_analysis()
   if memory is not None:
     logging.info(
@@ -191,22 +174,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   pending: list[tuple[int, dict]] = []  # Per-step metrics still on device.
   last_eval: dict = {}
-  t_log, step_log = time.perf_counter(), step
+  t_log, step_log, paused = time.perf_counter(), step, 0.0
+
+  def check_finite():
+    """Raises if any pending step's loss is NaN/Inf, naming the first such step."""
+    losses = jax.device_get([m["loss"] for _, m in pending])
+    for (at, _), loss in zip(pending, losses, strict=True):
+      if not math.isfinite(float(loss)):
+        raise NonFiniteLossError(
+          f"Training loss is {float(loss)} at step {at}; stopping. Lower "
+          "config.optimizer.learning_rate, set config.optimizer.grad_clip_norm, or check the data."
+        )
 
   def flush_train_metrics():
-    nonlocal t_log, step_log
+    nonlocal t_log, step_log, paused
     if not pending:
       return
+    check_finite()
     host = jax.device_get(pending)
-    bad = _first_nonfinite(host)
-    if bad is not None:
-      raise NonFiniteLossError(
-        f"Training loss is {float(host[[s for s, _ in host].index(bad)][1]['loss'])} at step "
-        f"{bad}; stopping. Lower config.optimizer.learning_rate, set "
-        "config.optimizer.grad_clip_norm, or check the data."
-      )
     pending.clear()
-    elapsed = time.perf_counter() - t_log
+    elapsed = time.perf_counter() - t_log - paused  # Evaluation and saving excluded.
     done = host[-1][0] - step_log
     means = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
     if done > 0 and elapsed > 0:
@@ -214,10 +201,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       means["examples_per_sec"] = done * config.batch_size / elapsed
       means["tokens_per_sec"] = done * config.batch_size * tokens_per_example / elapsed
     writer.write(host[-1][0], "train", means)
-    t_log, step_log = time.perf_counter(), host[-1][0]
+    t_log, step_log, paused = time.perf_counter(), host[-1][0], 0.0
 
   def save(at_step: int, metrics: dict | None = None):
-    flush_train_metrics()  # Never checkpoint parameters that went NaN.
+    check_finite()  # Never checkpoint parameters that went NaN.
     ckpt.save(
       at_step,
       train_state,
@@ -237,8 +224,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.log_every_steps == 0:
         flush_train_metrics()
       is_last = step == config.num_train_steps
+      t_pause = time.perf_counter()
       if step % config.eval_every_steps == 0 or is_last:
-        flush_train_metrics()
         last_eval = evaluate(
           eval_step,
           train_state["params"],
@@ -247,10 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           max_batches=config.num_eval_batches,
         )
         writer.write(step, "validation", last_eval)
-        save(step, metrics=last_eval)
+        save(step, metrics=last_eval)  # Every evaluation may be the best.
       elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
         save(step)
-      if not is_last and preemption.should_stop(step):
+      paused += time.perf_counter() - t_pause
+      # Across processes the stop decision is a collective: make it at log steps.
+      check_now = process_count == 1 or step % config.log_every_steps == 0
+      if not is_last and check_now and preemption.should_stop(step):
+        flush_train_metrics()
         save(step)
         logging.warning("Stopped at step %d after a preemption signal; rerun to resume.", step)
         break

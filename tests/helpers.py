@@ -1,0 +1,73 @@
+"""Shared test helpers: a tiny ListOps config and a subprocess runner for the CLIs."""
+
+import os
+import subprocess
+import sys
+
+from configs.lra import listops as listops_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, *, attention: str = "softmax", steps: int = 6):
+  """The smoke config shrunk to seconds: 1 layer, width 16, length 32, batch 8."""
+  c = listops_config.get_config(f"smoke,attention={attention}")
+  c.data_dir = str(data_dir)
+  c.data.num_train, c.data.num_val, c.data.num_test = 96, 20, 20
+  c.data.min_length, c.data.max_length = 5, 32
+  c.model.max_length = 32
+  c.model.num_layers = 1
+  c.model.emb_dim = c.model.qkv_dim = c.model.classifier_dim = 16
+  c.model.num_heads = 2
+  c.model.mlp_dim = 32
+  c.model.dropout_rate = 0.1  # Exercise dropout's determinism across resumes.
+  c.batch_size = 8
+  c.num_train_steps = steps
+  c.log_every_steps = 2
+  c.eval_every_steps = 3
+  c.checkpoint_every_steps = 2
+  c.optimizer.warmup_steps = 2
+  return c
+
+
+TINY_FLAGS = [
+  "--config.data.num_train=96",
+  "--config.data.num_val=20",
+  "--config.data.num_test=20",
+  "--config.data.min_length=5",
+  "--config.data.max_length=32",
+  "--config.model.max_length=32",
+  "--config.model.num_layers=1",
+  "--config.model.emb_dim=16",
+  "--config.model.qkv_dim=16",
+  "--config.model.classifier_dim=16",
+  "--config.model.num_heads=2",
+  "--config.model.mlp_dim=32",
+  "--config.model.dropout_rate=0.1",
+  "--config.batch_size=8",
+  "--config.log_every_steps=2",
+  "--config.eval_every_steps=3",
+  "--config.checkpoint_every_steps=2",
+  "--config.optimizer.warmup_steps=2",
+]
+
+
+def cli_env(num_devices: int = 1) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def run_cli(script: str, *args: str, num_devices: int = 1, timeout: int = 300, **kw):
+  """Runs `python script args...` from the repo root; returns the CompletedProcess."""
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, script), *args],
+    cwd=REPO,
+    env=cli_env(num_devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    **kw,
+  )
