@@ -36,7 +36,9 @@ def test_rsqrt_schedule_matches_lra_formula():
 
 
 def test_cosine_schedule_warms_up_and_decays_to_zero():
-  sched = optimizers.learning_rate_schedule(_cfg(learning_rate=1e-3, schedule="cosine", warmup_steps=10), 100)
+  sched = optimizers.learning_rate_schedule(
+    _cfg(learning_rate=1e-3, schedule="cosine", warmup_steps=10), 100
+  )
   assert float(sched(0)) == pytest.approx(0.0)
   assert float(sched(10)) == pytest.approx(1e-3, rel=1e-5)
   assert float(sched(55)) == pytest.approx(0.5e-3, rel=1e-2)
