@@ -53,6 +53,9 @@ def test_two_processes_match_one_process(tmp_path):
   assert single.returncode == 0, single.stderr[-3000:]
 
   port = _free_port()
+  # Output to files, not pipes: a pipe nobody drains fills up and blocks its
+  # writer, and the two processes would then wait on each other forever.
+  logs = [open(tmp_path / f"process_{i}.log", "w+") for i in range(2)]  # noqa: SIM115
   procs = [
     subprocess.Popen(
       [
@@ -66,16 +69,25 @@ def test_two_processes_match_one_process(tmp_path):
       ],
       cwd=REPO,
       env=cli_env(4),
-      stdout=subprocess.PIPE,
+      stdout=logs[i],
       stderr=subprocess.STDOUT,
-      text=True,
     )
     for i in range(2)
   ]
-  outs = [p.communicate(timeout=400)[0] for p in procs]
+  try:
+    for p in procs:
+      p.wait(timeout=400)
+  finally:
+    for p in procs:
+      p.kill()
+  outs = []
+  for log in logs:
+    log.seek(0)
+    outs.append(log.read())
+    log.close()
   for p, out in zip(procs, outs, strict=True):
     assert p.returncode == 0, out[-3000:]
-  assert "process 1 of 2" in outs[1] or "Joined process 1 of 2" in outs[1]
+  assert "Joined process 1 of 2" in outs[1]
 
   for split in ("train", "validation"):
     one, two = _records(tmp_path / "one", split), _records(tmp_path / "two", split)
