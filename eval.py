@@ -8,7 +8,7 @@ Uses the same config as training (the model must match the checkpoint).
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from efficient_transformers.errors import UserError
@@ -40,10 +40,11 @@ def main(argv):
     )
     print(results)
   except UserError as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from efficient_transformers.training import cli
+
+  app.run(main, flags_parser=cli.parse_flags)

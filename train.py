@@ -12,7 +12,7 @@ SLURM the processes find each other, elsewhere pass --coordinator_address,
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from efficient_transformers.errors import UserError
@@ -38,10 +38,11 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from efficient_transformers.training import cli
+
+  app.run(main, flags_parser=cli.parse_flags)

@@ -212,7 +212,7 @@ def test_reader_agrees_with_written_tokens_and_truncates(small_dir):
 def test_malformed_line_names_file_and_line(tmp_path, bad_line, message):
   good = "( ( ( [MIN 2 ) 9 ) ] )\t2"
   path = write_release_file(tmp_path, "test", [good, bad_line, good])
-  with pytest.raises(DataError, match=re.escape(f"{path}:3: ") + message):
+  with pytest.raises(DataError, match=re.escape(f"{path}, line 3: ") + message):
     listops.load_split(str(tmp_path), "test", max_length=16)
 
 
@@ -220,7 +220,7 @@ def test_bad_header_is_an_error(tmp_path):
   path = listops.split_path(str(tmp_path), "train")
   with open(path, "w") as f:
     f.write("( ( ( [MAX 2 ) 9 ) ] )\t9\n")
-  with pytest.raises(DataError, match=re.escape(f"{path}:1: expected the header")):
+  with pytest.raises(DataError, match=re.escape(f"{path}, line 1: expected the header")):
     listops.load_split(str(tmp_path), "train", max_length=16)
 
 

@@ -398,7 +398,7 @@ def load_split(data_dir: str, split: str, *, max_length: int) -> dict[str, np.nd
     data = f.read()
   newline = data.find(b"\n")
   if (data[:newline] if newline >= 0 else data).rstrip(b"\r") != HEADER.encode():
-    raise DataError(f"{path}:1: expected the header line {HEADER!r}.")
+    raise DataError(f"{path}, line 1: expected the header line {HEADER!r}.")
   if not data.endswith(b"\n"):
     data += b"\n"
   num = data.count(b"\n") - 1
@@ -458,7 +458,7 @@ def _tokenize_block(
     _explain(block, first, path)
   counts = np.diff(np.flatnonzero(newline), prepend=-1) - 1
   if (counts == 0).any():
-    raise DataError(f"{path}:{first + int(np.flatnonzero(counts == 0)[0]) + 2}: empty Source.")
+    raise DataError(f"{path}, line {first + int(np.flatnonzero(counts == 0)[0]) + 2}: empty Source.")
   width = inputs.shape[1]
   if counts.max() > width:
     ids = ids[np.arange(ids.size) - np.repeat(np.cumsum(counts) - counts, counts) < width]
@@ -480,7 +480,7 @@ def _explain(block: bytes, first: int, path: str) -> None:
       problem = f"unknown token {unknown[0]!r}; known tokens: {' '.join(VOCAB[1:-1])}"
     else:
       continue
-    raise DataError(f"{path}:{first + i + 2}: {problem}.")
+    raise DataError(f"{path}, line {first + i + 2}: {problem}.")
   last = first + 1 + block.count(b"\n")
   raise DataError(f"{path}: lines {first + 2}-{last} hold characters other than ASCII tokens.")
 

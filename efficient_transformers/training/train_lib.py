@@ -108,6 +108,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     process_count=process_count,
   )
 
+  task.splits["validation"]  # Read now: a bad file should fail before training, not at step N.
+
   def validation_batches():
     return pipeline.eval_batches(
       task.splits["validation"],

@@ -1,0 +1,75 @@
+"""Shared command-line plumbing for train.py and eval.py: flags and user errors.
+
+Mistakes in `--config=FILE:ARGS` or `--config.KEY=VALUE` surface from inside
+ml_collections' flag parsing as tracebacks; here they become one line naming
+what to fix.
+"""
+
+import importlib.util
+import re
+import sys
+
+from absl import flags
+
+from efficient_transformers.errors import UserError
+
+
+def _user_error_in_chain(exc: BaseException) -> UserError | None:
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    if isinstance(exc, UserError):
+      return exc
+    seen.add(id(exc))
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def _load_config(spec: str):
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config_for_check", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """Names the first `--config.KEY=...` whose KEY the config does not have."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  try:
+    config = _load_config(spec)
+  except Exception:  # noqa: BLE001 - the caller reports the original error then.
+    return None
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    dotted = a[len("--config.") :].split("=", 1)[0]
+    node, walked = config, []
+    for key in dotted.split("."):
+      if not hasattr(node, "keys") or key not in node.keys():
+        where = "config" + "".join(f".{k}" for k in walked)
+        valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+        valid = valid or "(none)"
+        return f"Unknown config key in {a.split('=', 1)[0]}: {where} has no {key!r}. Valid: {valid}."
+      node, walked = node[key], [*walked, key]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags parser for `app.run(main, flags_parser=parse_flags)`."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # noqa: BLE001 - turned into a one-line message below.
+    user = _user_error_in_chain(e)
+    if user is not None or isinstance(e, flags.Error):
+      # ml_collections folds the config file's traceback into the text (and
+      # re-raises it under the original type); its last line is the error itself.
+      message = str(user or e).strip().splitlines()[-1]
+      message = re.sub(r"^[\w.]*(Error|Exception): ", "", message)
+    elif isinstance(e, (AttributeError, KeyError)):
+      message = _unknown_override(argv) or f"Bad --config override: {e}"
+    else:
+      raise
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
