@@ -6,6 +6,7 @@ what to fix.
 """
 
 import importlib.util
+import logging
 import re
 import sys
 
@@ -56,8 +57,17 @@ def _unknown_override(argv: list[str]) -> str | None:
   return None
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops the INFO chatter of Orbax and Grain (dozens of lines per save)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
+    return record.levelno >= logging.WARNING or not noisy
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser for `app.run(main, flags_parser=parse_flags)`."""
+  logging.getLogger("absl").addFilter(_QuietLibraries())
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - turned into a one-line message below.
