@@ -95,7 +95,7 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path, data_dir):
     *flags[1:],
     f"--workdir={workdir}",
   )
-  _assert_clean_error(proc, "attention")
+  _assert_clean_error(proc, "model.attention", "'softmax'", "'memory_efficient'")
 
   proc = run_cli("eval.py", *flags, f"--workdir={tmp_path / 'empty'}")
   _assert_clean_error(proc, "No checkpoint in")

@@ -77,15 +77,16 @@ def test_dual_encoder_features_are_u_v_product_difference():
   assert not np.allclose(model(b, a), model(a, b), atol=1e-6)
 
 
-def test_cls_token_is_learned_and_prepended():
-  model = EncoderClassifier(
-    num_classes=3, pooling="cls", classifier_dim=8, rngs=nnx.Rngs(0), **ENCODER
-  )
+def test_cls_token_is_prepended_and_tokens_take_positions_from_one():
+  cfg = dict(ENCODER, num_layers=0)  # No blocks: features = LayerNorm(embeddings).
+  model = EncoderClassifier(num_classes=3, pooling="cls", classifier_dim=8, rngs=nnx.Rngs(0), **cfg)
   ids = jnp.array([[3, 4, 0]])
   features, mask = model.encoder(ids)
-  assert features.shape == (1, 4, 16)
   np.testing.assert_array_equal(mask, [[True, True, True, False]])
-  assert model.encoder.cls.shape == (16,)
+  table = sinusoidal_table(ENCODER["max_length"] + 1, 16)
+  tokens = model.encoder.embed.tokens(ids)[0] + table[1:4]  # Positions 1..L.
+  expected = jnp.concatenate([model.encoder.cls[...][None], tokens], axis=0)
+  np.testing.assert_allclose(features[0], model.encoder.final_norm(expected), atol=1e-5)
 
 
 def test_dropout_is_active_only_in_training():

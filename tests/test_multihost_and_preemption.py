@@ -41,14 +41,24 @@ def _final_params(workdir, config):
   task = tasks.load(config, generate=False)
   setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
   ckpt = checkpointing.Checkpointer(workdir, fingerprint=model_fingerprint(config, task))
-  step, restored, _ = ckpt.restore(setup.abstract_state, which="latest")
+  step, params = ckpt.restore_params(setup.abstract_state["params"], which="latest")
   ckpt.close()
-  return step, jax.device_get(restored["params"])
+  return step, jax.device_get(params)
 
 
 def test_two_processes_match_one_process(tmp_path):
   data = tmp_path / "data"
-  flags = [CONFIG, f"--config.data_dir={data}", *TINY_FLAGS, "--config.num_train_steps=6"]
+  # Every mesh axis spans both processes' devices, so FSDP and tensor-parallel
+  # collectives cross the process boundary. eps: see tests/test_training.py.
+  mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+  flags = [
+    CONFIG,
+    f"--config.data_dir={data}",
+    *TINY_FLAGS,
+    *mesh,
+    "--config.optimizer.eps=1e-6",
+    "--config.num_train_steps=6",
+  ]
   single = run_cli("train.py", *flags, f"--workdir={tmp_path / 'one'}", num_devices=8)
   assert single.returncode == 0, single.stderr[-3000:]
 
@@ -95,6 +105,16 @@ def test_two_processes_match_one_process(tmp_path):
     for step in one:
       np.testing.assert_allclose(two[step]["loss"], one[step]["loss"], rtol=1e-5)
       np.testing.assert_allclose(two[step]["accuracy"], one[step]["accuracy"], rtol=1e-6)
+
+  config = tiny_config(data, steps=6)
+  config.mesh.data = config.mesh.fsdp = config.mesh.tensor = 2
+  step_one, params_one = _final_params(str(tmp_path / "one"), config)
+  step_two, params_two = _final_params(str(tmp_path / "two"), config)
+  assert step_one == step_two == 6
+  # atol: the key bias's zero gradient, as in tests/test_training.py.
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), params_two, params_one
+  )
 
 
 def test_sigterm_then_rerun_matches_uninterrupted(tmp_path):

@@ -35,14 +35,36 @@ def test_rsqrt_schedule_matches_lra_formula():
   assert float(sched(999)) == pytest.approx(0.05 / math.sqrt(1000), rel=1e-5)  # ~1.58e-3 peak.
 
 
-def test_cosine_schedule_warms_up_and_decays_to_zero():
-  sched = optimizers.learning_rate_schedule(
-    _cfg(learning_rate=1e-3, schedule="cosine", warmup_steps=10), 100
+def test_cosine_and_constant_schedules_count_steps_from_one():
+  cfg = _cfg(learning_rate=1e-3, schedule="cosine", warmup_steps=10)
+  sched = optimizers.learning_rate_schedule(cfg, 100)
+  assert float(sched(0)) == pytest.approx(1e-4, rel=1e-5)  # The first update is not wasted.
+  assert float(sched(9)) == pytest.approx(1e-3, rel=1e-5)
+  assert float(sched(54)) == pytest.approx(0.5e-3, rel=1e-4)  # Halfway down the cosine.
+  assert float(sched(99)) == pytest.approx(0.0, abs=1e-9)
+  flat = optimizers.learning_rate_schedule(_cfg(schedule="constant", warmup_steps=0), 100)
+  assert float(flat(0)) == float(flat(50)) == pytest.approx(0.05)
+
+
+def test_optimizer_is_adamw_with_decoupled_decay_and_clipping():
+  import jax.numpy as jnp
+
+  cfg = _cfg(schedule="constant", warmup_steps=0, learning_rate=0.1, weight_decay=0.5)
+  tx, _ = optimizers.make_optimizer(cfg, 10)
+  params = {"w": jnp.array([2.0])}
+  updates, _ = tx.update({"w": jnp.array([0.0])}, tx.init(params), params)
+  # Zero gradient: Adam's step is 0, so only the decay acts: -lr * wd * w.
+  assert float(updates["w"][0]) == pytest.approx(-0.1 * 0.5 * 2.0, rel=1e-5)
+  # eps=1 makes Adam's first step g / (|g| + 1) depend on |g|, so clipping shows:
+  # a 1e6 gradient clipped to norm 1 must step exactly like a gradient of 1.
+  clipped, _ = optimizers.make_optimizer(
+    _cfg(grad_clip_norm=1.0, weight_decay=0.0, eps=1.0, schedule="constant", warmup_steps=0), 10
   )
-  assert float(sched(0)) == pytest.approx(0.0)
-  assert float(sched(10)) == pytest.approx(1e-3, rel=1e-5)
-  assert float(sched(55)) == pytest.approx(0.5e-3, rel=1e-2)
-  assert float(sched(100)) == pytest.approx(0.0, abs=1e-9)
+  g = {"w": jnp.array([1e6])}
+  u1, _ = clipped.update(g, clipped.init(params), params)
+  u2, _ = clipped.update({"w": jnp.array([1.0])}, clipped.init(params), params)
+  assert float(u1["w"][0]) == pytest.approx(float(u2["w"][0]), rel=1e-4)
+  assert float(u2["w"][0]) == pytest.approx(-0.05 * 0.5, rel=1e-3)  # lr x 1 / (1 + 1).
 
 
 def test_bad_optimizer_settings_name_the_key():

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 
 from efficient_transformers.data import pipeline, tasks
-from efficient_transformers.training import NonFiniteLossError, eval_lib, sharding, state
-from efficient_transformers.training import train_and_evaluate
+from efficient_transformers.training import (
+  NonFiniteLossError,
+  checkpointing,
+  eval_lib,
+  sharding,
+  state,
+  train_and_evaluate,
+)
 from tests.helpers import tiny_config
 
 
@@ -55,6 +61,31 @@ def test_train_and_evaluate_end_to_end(tmp_path, data_dir):
   assert results["num_examples"] == 20
   assert set(results["test"]) == {"accuracy", "loss"}
   assert results["step"] in (3, 6) and results["device_kind"]
+  assert eval_lib.evaluate_checkpoint(config, workdir, which="latest")["step"] == 6
+  at_step_4 = eval_lib.evaluate_checkpoint(config, workdir, which=4)
+  assert at_step_4["step"] == 4 and at_step_4["num_examples"] == 20
+
+
+def test_init_from_takes_parameters_only(tmp_path, data_dir):
+  source = tiny_config(data_dir)
+  train_and_evaluate(source, str(tmp_path / "source"))
+  target = tiny_config(data_dir, steps=1)
+  target.init_from = str(tmp_path / "source")
+  target.optimizer.grad_clip_norm = 1.0  # Another optimizer state: must not matter.
+  target.optimizer.learning_rate = 0.0  # So the one step leaves the parameters as loaded.
+  target.eval_every_steps = 1
+  train_and_evaluate(target, str(tmp_path / "target"))
+  task = tasks.load(target)
+  setup = state.make_setup(target, vocab_size=task.vocab_size, num_classes=task.num_classes)
+  loaded = {}
+  for name in ("source", "target"):
+    ckpt = checkpointing.Checkpointer(str(tmp_path / name))
+    which = "best" if name == "source" else "latest"
+    loaded[name] = jax.device_get(
+      ckpt.restore_params(setup.abstract_state["params"], which=which)[1]
+    )
+    ckpt.close()
+  jax.tree.map(np.testing.assert_array_equal, loaded["target"], loaded["source"])
 
 
 def _run_steps(config, devices, num_steps):

@@ -458,7 +458,8 @@ def _tokenize_block(
     _explain(block, first, path)
   counts = np.diff(np.flatnonzero(newline), prepend=-1) - 1
   if (counts == 0).any():
-    raise DataError(f"{path}, line {first + int(np.flatnonzero(counts == 0)[0]) + 2}: empty Source.")
+    line = first + int(np.flatnonzero(counts == 0)[0]) + 2
+    raise DataError(f"{path}, line {line}: empty Source.")
   width = inputs.shape[1]
   if counts.max() > width:
     ids = ids[np.arange(ids.size) - np.repeat(np.cumsum(counts) - counts, counts) < width]

@@ -19,8 +19,10 @@ def pool(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
   if how == "cls":
     return x[:, 0]
   if how == "mean":
-    w = mask.astype(x.dtype)[..., None]
-    return (x * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+    # Summed in float32: a bf16 sum over thousands of positions loses digits.
+    w = mask.astype(jnp.float32)[..., None]
+    mean = (x.astype(jnp.float32) * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
+    return mean.astype(x.dtype)
   raise ConfigError(f"config.model.pooling must be one of {POOLINGS}; got {how!r}.")
 
 

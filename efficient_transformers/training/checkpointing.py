@@ -253,20 +253,7 @@ class Checkpointer:
       CheckpointError: no such checkpoint; all candidates damaged; or the stored tree,
         shapes, dtypes or fingerprint differ from `abstract_state` / this run's fingerprint.
     """
-    if which == "latest":
-      manager, steps = self._periodic, sorted(self._periodic.all_steps(), reverse=True)
-    elif which == "best":
-      manager, steps = self._best, [s for s in [self.best_step()] if s is not None]
-    elif isinstance(which, int) and not isinstance(which, bool):
-      manager = self._periodic if which in self._periodic.all_steps() else self._best
-      steps = [which] if which in manager.all_steps() else []
-    else:
-      raise ValueError(f"which must be 'latest', 'best' or a step, got {which!r}")
-    if not steps:
-      raise CheckpointError(
-        f"No checkpoint for which={which!r} in {self.workdir} (periodic steps: "
-        f"{self._periodic.all_steps()}, best: {self._best.all_steps()})."
-      )
+    manager, steps = self._candidates(which)
     errors = []
     for step in steps:
       where = f"{manager.directory}/{step}"
@@ -300,10 +287,77 @@ class Checkpointer:
       f"Delete {self.workdir} to start from scratch, or use another --workdir."
     )
 
-  def _check_compatible(self, where: str, meta, fingerprint, abstract_state) -> None:
+  def _candidates(self, which: str | int) -> tuple[ocp.CheckpointManager, list[int]]:
+    """The manager and the steps to try, newest first, for `which`."""
+    if which == "latest":
+      manager, steps = self._periodic, sorted(self._periodic.all_steps(), reverse=True)
+    elif which == "best":
+      manager, steps = self._best, [s for s in [self.best_step()] if s is not None]
+    elif isinstance(which, int) and not isinstance(which, bool):
+      manager = self._periodic if which in self._periodic.all_steps() else self._best
+      steps = [which] if which in manager.all_steps() else []
+    else:
+      raise ValueError(f"which must be 'latest', 'best' or a step, got {which!r}")
+    if not steps:
+      raise CheckpointError(
+        f"No checkpoint for which={which!r} in {self.workdir} (periodic steps: "
+        f"{self._periodic.all_steps()}, best: {self._best.all_steps()})."
+      )
+    return manager, steps
+
+  def restore_params(
+    self, abstract_params, *, which: str | int = "best", check_fingerprint: bool = True
+  ) -> tuple[int, Any]:
+    """Restores only `state["params"]`: for evaluation and `init_from`.
+
+    Neither needs the optimizer or the data iterator, so this works whatever
+    the optimizer was and however many processes saved the checkpoint. Only
+    the parameters' shapes (and, if `check_fingerprint`, the fingerprint) must
+    match. No fallback past a damaged step: the caller named the step.
+    """
+    manager, steps = self._candidates(which)
+    step = steps[0]
+    where = f"{manager.directory}/{step}"
+    try:
+      meta = manager.item_metadata(step)["state"].tree
+      fingerprint = manager.restore(
+        step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
+      ).fingerprint
+    except Exception as e:  # noqa: BLE001 - reported as the user's damaged checkpoint.
+      raise CheckpointError(f"Checkpoint {where} is unreadable: {e}") from None
+    wanted = {"params": abstract_params}
+    self._check_compatible(
+      where, meta, fingerprint if check_fingerprint else None, wanted, partial=True
+    )
+    # The standard handler cannot restore a subtree; a PyTree reader of the same files can.
+    reader = ocp.CheckpointManager(
+      manager.directory,
+      options=ocp.CheckpointManagerOptions(create=False, save_root_metadata=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+    )
+    restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+      wanted,
+    )
+    try:
+      restored = reader.restore(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(wanted, restore_args=restore_args, partial_restore=True)
+        ),
+      )
+    except Exception as e:  # noqa: BLE001 - truncated or missing array files.
+      raise CheckpointError(f"Checkpoint {where} is damaged: {e}") from None
+    finally:
+      reader.close()
+    return step, restored.state["params"]
+
+  def _check_compatible(
+    self, where: str, meta, fingerprint, abstract_state, *, partial: bool = False
+  ) -> None:
     """Raises CheckpointError naming how the checkpoint differs from this run."""
     hint = f"Checkpoint {where} does not match this run"
-    if self._fingerprint is not None:
+    if self._fingerprint is not None and fingerprint is not None:
       diff = _first_json_diff(fingerprint, self._fingerprint)
       if diff:
         raise CheckpointError(f"{hint}: fingerprint differs at {diff}. To fix, {_FRESH}.")
@@ -312,6 +366,8 @@ class Checkpointer:
       _path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(meta, is_leaf=is_meta)
     }
     wanted = {_path_str(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    if partial:  # Only the subtree asked for must be there.
+      stored = {k: v for k, v in stored.items() if k.split("/")[0] in abstract_state}
     # Every difference (up to 5), so one failed resume shows the whole story.
     diffs = [
       f"{k!r} is only in the {'checkpoint' if k in stored else 'model'}"
@@ -325,6 +381,8 @@ class Checkpointer:
     if diffs:
       more = f" (and {len(diffs) - 5} more)" if len(diffs) > 5 else ""
       raise CheckpointError(f"{hint}: {'; '.join(diffs[:5])}{more}. To fix, {_FRESH}.")
+    if partial:
+      return
     files = sorted(p.name for p in (epath.Path(where) / "data_state").glob("process_*.json"))
     if _process_file() not in files:
       raise CheckpointError(

@@ -52,7 +52,16 @@ def _unknown_override(argv: list[str]) -> str | None:
         where = "config" + "".join(f".{k}" for k in walked)
         valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
         valid = valid or "(none)"
-        return f"Unknown config key in {a.split('=', 1)[0]}: {where} has no {key!r}. Valid: {valid}."
+        hint = ""
+        if walked[-2:] == ["model", "attention_kwargs"]:
+          hint = (
+            f" It holds the keyword arguments of attention {config.model.attention!r}; pick "
+            "another attention in the config arg (--config=FILE:attention=NAME) to get its own."
+          )
+        return (
+          f"Unknown config key in {a.split('=', 1)[0]}: {where} has no {key!r}. "
+          f"Valid: {valid}.{hint}"
+        )
       node, walked = node[key], [*walked, key]
   return None
 

@@ -38,7 +38,7 @@ def evaluate_checkpoint(
     )
   if which == "best" and ckpt.best_step() is None:
     raise CheckpointError(f"{workdir} has no best checkpoint yet (no evaluation has run).")
-  step, train_state, _ = ckpt.restore(setup.abstract_state, which=which)
+  step, params = ckpt.restore_params(setup.abstract_state["params"], which=which)
   ckpt.close()
   arrays = task.splits[split]
   batch_spec = setup.batch_spec(arrays, config.batch_size)
@@ -49,7 +49,7 @@ def evaluate_checkpoint(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  metrics = evaluate(eval_step, train_state["params"], batches, setup.batch_sharding)
+  metrics = evaluate(eval_step, params, batches, setup.batch_sharding)
   results = {
     "task": config.task,
     "attention": config.model.attention,

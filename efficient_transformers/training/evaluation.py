@@ -46,11 +46,14 @@ def model_fingerprint(config: ml_collections.ConfigDict, task) -> dict:
   (another attention, width, vocabulary) is refused instead of silently
   restarted or half restored.
   """
-  # Settings that change no parameter (dropout, compute dtype) may differ.
+  # Settings that change no parameter may differ: dropout, the compute dtype,
+  # and the attention's keyword arguments (kernel choice, chunk sizes, hash
+  # rounds). A kwarg that does change parameters changes their shapes, which the
+  # checkpointer compares separately.
   model = {
     k: v
     for k, v in config.model.to_dict().items()
-    if k not in ("dropout_rate", "attention_dropout_rate", "dtype")
+    if k not in ("dropout_rate", "attention_dropout_rate", "dtype", "attention_kwargs")
   }
   return {
     "task": config.task,

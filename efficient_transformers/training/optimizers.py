@@ -1,5 +1,6 @@
 """Optax optimizers and LRA's learning-rate schedules, built from `config.optimizer`."""
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -12,34 +13,34 @@ SCHEDULES = ("rsqrt", "cosine", "constant")
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_train_steps: int) -> optax.Schedule:
   """The learning rate as a function of the (0-based) optimizer step.
 
-  'rsqrt': LRA's text-task schedule, base x min(1, t/warmup) x rsqrt(max(t, warmup)),
-    peaking at base / sqrt(warmup) (0.05 / sqrt(1000) ~ 1.6e-3 for ListOps).
-  'cosine': linear warmup to base, then cosine decay to 0 at num_train_steps.
-  'constant': linear warmup to base, then flat.
+  Steps count from 1 inside the formulas, as in the original LRA code, so the
+  first update already has a nonzero rate. With t = step + 1 and w = warmup:
+  'rsqrt': LRA's schedule, base x min(1, t/w) x rsqrt(max(t, w)); its peak is
+    base / sqrt(w) (0.05 / sqrt(1000) ~ 1.6e-3 for ListOps).
+  'cosine': base x min(1, t/w), then a cosine from base at t = w to 0 at
+    t = num_train_steps.
+  'constant': base x min(1, t/w).
   """
-  base, warmup = cfg.learning_rate, cfg.warmup_steps
-  if cfg.schedule == "rsqrt":
-
-    def rsqrt(step):
-      t = jnp.asarray(step, jnp.float32) + 1.0  # The original counted steps from 1.
-      w = max(warmup, 1)
-      return base * jnp.minimum(1.0, t / w) * jnp.reciprocal(jnp.sqrt(jnp.maximum(t, w)))
-
-    return rsqrt
-  if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-      init_value=0.0,
-      peak_value=base,
-      warmup_steps=warmup,
-      decay_steps=max(num_train_steps, warmup + 1),
-      end_value=0.0,
+  if cfg.schedule not in SCHEDULES:
+    raise ConfigError(
+      f"config.optimizer.schedule must be one of {SCHEDULES}; got {cfg.schedule!r}."
     )
-  if cfg.schedule == "constant":
-    return optax.join_schedules(
-      [optax.linear_schedule(0.0, base, max(warmup, 1)), optax.constant_schedule(base)],
-      [max(warmup, 1)],
-    )
-  raise ConfigError(f"config.optimizer.schedule must be one of {SCHEDULES}; got {cfg.schedule!r}.")
+  if cfg.warmup_steps < 0:
+    raise ConfigError(f"config.optimizer.warmup_steps must be >= 0; got {cfg.warmup_steps}.")
+  base, w = cfg.learning_rate, max(cfg.warmup_steps, 1)
+  decay_steps = max(num_train_steps - w, 1)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32) + 1.0
+    lr = base * jnp.minimum(1.0, t / w)
+    if cfg.schedule == "rsqrt":
+      lr = lr * jax.lax.rsqrt(jnp.maximum(t, w))
+    elif cfg.schedule == "cosine":
+      frac = jnp.clip((t - w) / decay_steps, 0.0, 1.0)
+      lr = lr * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return lr
+
+  return schedule
 
 
 def make_optimizer(

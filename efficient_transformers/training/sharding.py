@@ -41,11 +41,11 @@ def mesh_shape(cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, i
 def make_mesh(cfg: ml_collections.ConfigDict, devices: Sequence | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
-  try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices=devices)
-  except Exception:  # noqa: BLE001 - topology-aware layout is an optimization only.
-    device_array = np.asarray(devices).reshape(shape)
-  return Mesh(device_array, MESH_AXES)
+  # jax.make_mesh lays the axes out along the physical topology (TPU ICI, NVLink).
+  # Auto axes: shardings are propagated by XLA from the annotations we give.
+  return jax.make_mesh(
+    shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(shape)
+  )
 
 
 def logical_to_mesh(spec: PartitionSpec, rules: Sequence) -> PartitionSpec:

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+_DROPOUT_STREAM = 0x64726F70  # "drop"
+
 
 def classification_sums(
   logits: jax.Array, targets: jax.Array, weights: jax.Array | None
@@ -61,7 +63,8 @@ def make_train_step(
   makes one optimizer update over the whole batch, with about 1/k the
   activation memory.
   """
-  base_key = jax.random.key(seed)
+  # Its own stream: parameter init draws from jax.random.key(seed) itself.
+  base_key = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
 
   def sums_and_grads(params, batch, dropout_key):
     def loss_fn(p):
@@ -109,6 +112,8 @@ def make_train_step(
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     metrics = {
+      # Real (non-padding) input tokens, for tokens/s.
+      "tokens": sum(jnp.sum(batch[n] != 0) for n in input_names).astype(jnp.float32),
       "loss": sums["loss_sum"] / count,
       "accuracy": sums["correct_sum"] / count,
       "learning_rate": schedule(step),

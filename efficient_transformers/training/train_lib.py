@@ -19,14 +19,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from efficient_transformers.data import pipeline, tasks
-from efficient_transformers.errors import CheckpointError, ConfigError
+from efficient_transformers.errors import CheckpointError, ConfigError, UserError
 from efficient_transformers.training import checkpointing, sharding, state
 from efficient_transformers.training.evaluation import evaluate, model_fingerprint
 from efficient_transformers.training.metrics import MetricWriter
 
 
-class NonFiniteLossError(RuntimeError):
-  """The training loss became NaN or Inf."""
+class NonFiniteLossError(UserError, RuntimeError):
+  """The training loss became NaN or Inf (a hyperparameter or data problem)."""
 
 
 class _Preemption:
@@ -51,16 +51,24 @@ class _Preemption:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def should_stop(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      # Every process must agree to stop at the same step, or the collectives
-      # of the final save would hang: take the OR of all processes' flags.
-      flags = multihost_utils.process_allgather(np.asarray(self.requested))
-      return bool(np.any(flags)) or multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
+  def should_stop(self, step: int, *, collective: bool) -> bool:
+    """Whether to save and stop after `step`; the same answer on every process.
+
+    Multi-process: JAX's preemption service (fed by SIGTERM on TPU VMs) agrees
+    on a step by itself and is asked every step; our own signal flag needs a
+    collective to agree, made only when `collective` (at log steps).
+    """
+    if jax.process_count() == 1:
+      return self.requested
+    if multihost_utils.reached_preemption_sync_point(step):
+      return True
+    if collective:
+      return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+    return False
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
+  """Settings that would otherwise fail deep inside JAX, as messages naming the key."""
   for key in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key} must be positive; got {config[key]}.")
@@ -68,12 +76,14 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.checkpoint_every_steps must be >= 0; got {config.checkpoint_every_steps}."
     )
+  accum = config.optimizer.grad_accum_steps
+  if accum < 1:
+    raise ConfigError(f"config.optimizer.grad_accum_steps must be >= 1; got {accum}.")
   if config.batch_size % jax.process_count():
     raise ConfigError(
       f"config.batch_size={config.batch_size} must divide evenly over "
       f"{jax.process_count()} processes."
     )
-  accum = config.optimizer.grad_accum_steps
   if config.batch_size % accum:
     raise ConfigError(
       f"config.batch_size={config.batch_size} must be divisible by "
@@ -81,8 +91,33 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _check_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """The batch and the sharded model axes must divide over the mesh."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  micro = config.batch_size // config.optimizer.grad_accum_steps
+  if micro % shards:
+    raise ConfigError(
+      f"Each (micro-)batch of {micro} examples (config.batch_size / "
+      f"config.optimizer.grad_accum_steps) must split over mesh.data x mesh.fsdp = {shards} "
+      "devices; change config.batch_size or config.mesh."
+    )
+  for key, axis in (("num_heads", "tensor"), ("mlp_dim", "tensor"), ("emb_dim", "fsdp")):
+    if config.model[key] % mesh.shape[axis]:
+      raise ConfigError(
+        f"config.model.{key}={config.model[key]} must be divisible by "
+        f"config.mesh.{axis}={mesh.shape[axis]}."
+      )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`; returns the final validation metrics."""
+  # Signals are caught from the start: one arriving during data generation or
+  # compilation stops the run at its first step, after a save.
+  with _Preemption() as preemption:
+    return _train(config, workdir, preemption)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemption) -> dict:
   _check_config(config)
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
@@ -120,6 +155,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---------------------------------------------------------------- Mesh, model, shardings.
   setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
+  _check_layout(config, setup.mesh)
+  fields = set(task.splits["train"])
+  if not set(setup.input_names) <= fields:
+    raise ConfigError(
+      f"config.model.kind={config.model.kind!r} reads {list(setup.input_names)}, but task "
+      f"{config.task!r} provides {sorted(fields)}."
+    )
   logging.info(
     "Mesh %s over %d devices (%s); model %s with %s attention, %d parameters.",
     dict(setup.mesh.shape),
@@ -149,19 +191,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt = checkpointing.Checkpointer(
     workdir, max_to_keep=config.max_checkpoints_to_keep, fingerprint=fingerprint
   )
+  # What fixes the sequence of training batches; a resume must not change it.
+  data_order = {
+    "seed": config.seed,
+    "batch_size": config.batch_size,
+    "process_count": process_count,
+    "data": config.data.to_dict(),
+  }
   if ckpt.latest_step() is not None:
     step, train_state, data_state = ckpt.restore(setup.abstract_state, which="latest")
     if data_state is not None:
+      if data_state.get("order") != data_order:
+        raise CheckpointError(
+          f"The checkpoint in {workdir} was trained with data order {data_state.get('order')}; "
+          f"this run has {data_order}. Resuming would feed different batches: use the same "
+          "seed, batch size, data settings and process count, or a fresh --workdir."
+        )
       train_iter.set_state(data_state["train_iterator"])
     logging.info("Resumed from %s at step %d.", workdir, step)
   elif config.init_from:
-    source = checkpointing.Checkpointer(config.init_from, fingerprint=fingerprint)
+    # Parameters only: the source's optimizer, data position and process count
+    # do not matter, and its attention may differ if the parameters line up.
+    source = checkpointing.Checkpointer(config.init_from)
     if source.latest_step() is None and source.best_step() is None:
       raise CheckpointError(f"config.init_from={config.init_from!r} holds no checkpoint.")
     which = "best" if source.best_step() is not None else "latest"
-    _, loaded, _ = source.restore(setup.abstract_state, which=which)
+    _, params = source.restore_params(
+      setup.abstract_state["params"], which=which, check_fingerprint=False
+    )
     source.close()
-    train_state = state.init_state(setup, params=loaded["params"])
+    train_state = state.init_state(setup, params=params)
     logging.info("Initialized parameters from %s (%s).", config.init_from, which)
   else:
     train_state = state.init_state(setup)
@@ -171,11 +230,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = MetricWriter(
     workdir, enabled=is_main, total_steps=config.num_train_steps, initial_step=step
   )
-  tokens_per_example = int(
-    sum(np.prod(v.shape[1:]) for k, v in task.splits["train"].items() if k in setup.input_names)
-  )
+
   pending: list[tuple[int, dict]] = []  # Per-step metrics still on device.
   last_eval: dict = {}
+  last_eval_step = None
   t_log, step_log, paused = time.perf_counter(), step, 0.0
 
   def check_finite():
@@ -197,11 +255,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pending.clear()
     elapsed = time.perf_counter() - t_log - paused  # Evaluation and saving excluded.
     done = host[-1][0] - step_log
-    means = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
+    means = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1] if k != "tokens"}
+    tokens = float(np.sum([m["tokens"] for _, m in host]))
     if done > 0 and elapsed > 0:
       means["steps_per_sec"] = done / elapsed
       means["examples_per_sec"] = done * config.batch_size / elapsed
-      means["tokens_per_sec"] = done * config.batch_size * tokens_per_example / elapsed
+      means["tokens_per_sec"] = tokens / elapsed  # Real tokens, padding not counted.
     writer.write(host[-1][0], "train", means)
     t_log, step_log, paused = time.perf_counter(), host[-1][0], 0.0
 
@@ -210,47 +269,48 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt.save(
       at_step,
       train_state,
-      data_state={"train_iterator": train_iter.get_state()},
+      data_state={"train_iterator": train_iter.get_state(), "order": data_order},
       metrics=metrics,
     )
 
-  with _Preemption() as preemption:
-    while step < config.num_train_steps:
-      batch = sharding.global_batch(next(train_iter), setup.batch_sharding)
-      with jax.transfer_guard("disallow"):
-        train_state, metrics = compiled_train_step(train_state, batch)
-      step += 1
-      pending.append((step, metrics))
-      writer.advance(step)
+  while step < config.num_train_steps:
+    batch = sharding.global_batch(next(train_iter), setup.batch_sharding)
+    with jax.transfer_guard("disallow"):
+      train_state, metrics = compiled_train_step(train_state, batch)
+    step += 1
+    pending.append((step, metrics))
+    writer.advance(step)
 
-      if step % config.log_every_steps == 0:
-        flush_train_metrics()
-      is_last = step == config.num_train_steps
-      t_pause = time.perf_counter()
-      if step % config.eval_every_steps == 0 or is_last:
-        last_eval = evaluate(
-          eval_step,
-          train_state["params"],
-          validation_batches(),
-          setup.batch_sharding,
-          max_batches=config.num_eval_batches,
-        )
-        writer.write(step, "validation", last_eval)
-        save(step, metrics=last_eval)  # Every evaluation may be the best.
-      elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-        save(step)
-      paused += time.perf_counter() - t_pause
-      # Across processes the stop decision is a collective: make it at log steps.
-      check_now = process_count == 1 or step % config.log_every_steps == 0
-      if not is_last and check_now and preemption.should_stop(step):
-        flush_train_metrics()
-        save(step)
-        logging.warning("Stopped at step %d after a preemption signal; rerun to resume.", step)
-        break
+    if step % config.log_every_steps == 0:
+      flush_train_metrics()
+    is_last = step == config.num_train_steps
+    t_pause = time.perf_counter()
+    if step % config.eval_every_steps == 0 or is_last:
+      last_eval = evaluate(
+        eval_step,
+        train_state["params"],
+        validation_batches(),
+        setup.batch_sharding,
+        max_batches=config.num_eval_batches,
+      )
+      last_eval_step = step
+      writer.write(step, "validation", last_eval)
+      save(step, metrics=last_eval)  # Every evaluation may be the best.
+    elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+      save(step)
+    paused += time.perf_counter() - t_pause
+    at_log = step % config.log_every_steps == 0
+    if not is_last and preemption.should_stop(step, collective=at_log):
+      flush_train_metrics()
+      save(step)
+      logging.warning("Stopped at step %d after a preemption signal; rerun to resume.", step)
+      break
   flush_train_metrics()
   writer.close()
   ckpt.close()
   if is_main and last_eval:
     with open(os.path.join(workdir, "validation.json"), "w") as f:
-      json.dump({"step": step, **{k: float(v) for k, v in last_eval.items()}}, f, indent=2)
+      json.dump(
+        {"step": last_eval_step, **{k: float(v) for k, v in last_eval.items()}}, f, indent=2
+      )
   return last_eval
