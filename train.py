@@ -10,39 +10,23 @@ SLURM the processes find each other, elsewhere pass --coordinator_address,
 --num_processes and --process_id.
 """
 
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from efficient_transformers.errors import UserError
+from efficient_transformers.training import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, e.g. configs/lra/listops.py:smoke."
+  "config", None, "Config file and argument, e.g. configs/lra/listops.py:smoke."
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-_COORDINATOR = flags.DEFINE_string(
-  "coordinator_address", None, "host:port of process 0 (multi-host)."
-)
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    from efficient_transformers.training import distributed, train_and_evaluate
+def main():
+  from efficient_transformers.training import train_and_evaluate
 
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  from efficient_transformers.training import cli
-
-  app.run(main, flags_parser=cli.parse_flags)
+  cli.run(main)

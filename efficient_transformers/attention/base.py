@@ -77,7 +77,9 @@ class MultiHeadAttention(nnx.Module):
       bias_metadata=param_axes(*OUT_BIAS_AXES),
       rngs=rngs,
     )
-    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+    # No stream is taken without dropout, so e.g. a Linen user (nnx.bridge) needs
+    # only a "params" RNG.
+    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
 
   def attend(
     self,

@@ -1,4 +1,4 @@
-"""Sequence classifiers: one encoder tower, or two towers with shared weights.
+"""Sequence classifiers: one encoder tower, or two sequences through one shared tower.
 
 `input_names` tells the training system which batch fields a model consumes,
 so the train step stays model-agnostic.
@@ -13,15 +13,10 @@ from efficient_transformers.models.encoder import Encoder
 from efficient_transformers.models.heads import POOLINGS, ClassifierHead, pool
 
 
-def _check_pooling(pooling: str):
-  if pooling not in POOLINGS:
-    raise ConfigError(f"config.model.pooling must be one of {POOLINGS}; got {pooling!r}.")
+class _PooledEncoder(nnx.Module):
+  """An encoder tower, its pooling, and a head over `head_inputs` pooled vectors."""
 
-
-class EncoderClassifier(nnx.Module):
-  """ids [batch, length] -> logits [batch, num_classes] (ListOps, Text, Image, Pathfinder)."""
-
-  input_names = ("inputs",)
+  head_inputs = 1
 
   def __init__(
     self,
@@ -32,46 +27,12 @@ class EncoderClassifier(nnx.Module):
     rngs: nnx.Rngs,
     **encoder_kwargs,
   ):
-    _check_pooling(pooling)
+    if pooling not in POOLINGS:
+      raise ConfigError(f"config.model.pooling must be one of {POOLINGS}; got {pooling!r}.")
     self.pooling = pooling
     self.encoder = Encoder(use_cls=pooling == "cls", rngs=rngs, **encoder_kwargs)
     self.head = ClassifierHead(
-      encoder_kwargs["emb_dim"],
-      classifier_dim,
-      num_classes,
-      rngs=rngs,
-      dtype=encoder_kwargs.get("dtype"),
-      param_dtype=encoder_kwargs.get("param_dtype", jnp.float32),
-    )
-
-  def __call__(self, inputs: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    x, mask = self.encoder(inputs, deterministic=deterministic)
-    return self.head(pool(x, mask, self.pooling))
-
-
-class DualEncoderClassifier(nnx.Module):
-  """Two sequences through one shared tower, features [u, v, u*v, u-v] (LRA Retrieval).
-
-  (inputs1, inputs2) [batch, length] each -> logits [batch, num_classes].
-  """
-
-  input_names = ("inputs1", "inputs2")
-
-  def __init__(
-    self,
-    *,
-    num_classes: int,
-    pooling: str = "cls",
-    classifier_dim: int,
-    rngs: nnx.Rngs,
-    **encoder_kwargs,
-  ):
-    _check_pooling(pooling)
-    self.pooling = pooling
-    self.encoder = Encoder(use_cls=pooling == "cls", rngs=rngs, **encoder_kwargs)
-    emb = encoder_kwargs["emb_dim"]
-    self.head = ClassifierHead(
-      4 * emb,
+      self.head_inputs * encoder_kwargs["emb_dim"],
       classifier_dim,
       num_classes,
       rngs=rngs,
@@ -80,8 +41,28 @@ class DualEncoderClassifier(nnx.Module):
     )
 
   def encode(self, ids: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    """ids [batch, length] -> pooled features [batch, emb_dim]."""
     x, mask = self.encoder(ids, deterministic=deterministic)
     return pool(x, mask, self.pooling)
+
+
+class EncoderClassifier(_PooledEncoder):
+  """ids [batch, length] -> logits [batch, num_classes] (ListOps, Text, Image, Pathfinder)."""
+
+  input_names = ("inputs",)
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    return self.head(self.encode(inputs, deterministic=deterministic))
+
+
+class DualEncoderClassifier(_PooledEncoder):
+  """Two sequences through one shared tower, features [u, v, u*v, u-v] (LRA Retrieval).
+
+  (inputs1, inputs2) [batch, length] each -> logits [batch, num_classes].
+  """
+
+  input_names = ("inputs1", "inputs2")
+  head_inputs = 4
 
   def __call__(
     self, inputs1: jax.Array, inputs2: jax.Array, *, deterministic: bool = True

@@ -9,8 +9,9 @@ import importlib.util
 import logging
 import re
 import sys
+from collections.abc import Callable
 
-from absl import flags
+from absl import app, flags
 
 from efficient_transformers.errors import UserError
 
@@ -92,3 +93,28 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0, for a multi-host run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+
+
+def run(main: Callable[[], None]) -> None:
+  """Parses flags, joins a multi-host run if asked, runs `main()`; user errors end in one line."""
+
+  def wrapped(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+      from efficient_transformers.training import distributed
+
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      main()
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(wrapped, flags_parser=parse_flags)

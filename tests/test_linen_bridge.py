@@ -1,0 +1,46 @@
+"""A Linen user reaches every attention variant through `flax.nnx.bridge`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from flax.nnx import bridge
+
+from efficient_transformers import attention
+
+SIZES = dict(in_features=16, num_heads=2, head_dim=8)
+
+
+class LinenEncoderLayer(nn.Module):
+  """A Linen model holding one of our attention modules, as a Linen user would write it."""
+
+  name_of_attention: str
+
+  @nn.compact
+  def __call__(self, x, mask):
+    layer = bridge.to_linen(attention.get_class(self.name_of_attention), **SIZES)
+    return x + layer(nn.LayerNorm()(x), mask=mask)
+
+
+@pytest.mark.parametrize("name", attention.available())
+def test_linen_wrapped_attention_matches_the_nnx_module(name):
+  x = jax.random.normal(jax.random.key(0), (2, 12, 16))
+  mask = jnp.arange(12)[None, :] < jnp.array([[12], [7]])
+  model = LinenEncoderLayer(name)
+  variables = model.init(jax.random.key(1), x, mask)
+  y = model.apply(variables, x, mask)
+  assert y.shape == x.shape
+
+  # The same parameters in the NNX module give the same output.
+  params = nn.unbox(variables)["params"]  # Linen boxes NNX metadata (axis names).
+  module = attention.make(name, rngs=nnx.Rngs(2), **SIZES)
+  state = nnx.state(module, nnx.Param)
+  before = module(x, mask=mask)
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, dict(params["ToLinen_0"])))
+  nnx.update(module, state)
+  normed = nn.LayerNorm().apply({"params": params["LayerNorm_0"]}, x)
+  expected = x + module(normed, mask=mask)
+  np.testing.assert_allclose(y, expected, atol=1e-5)
+  assert not np.allclose(x + before, y, atol=1e-3)  # Other parameters give another output.
