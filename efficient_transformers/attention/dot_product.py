@@ -18,7 +18,6 @@ Padding differs between the two paths:
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
@@ -168,28 +167,12 @@ class DotProductAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype | None = None,
-    param_dtype: jnp.dtype = jnp.float32,
     implementation: str | None = None,
+    **common,
   ):
     # Fail when the model is built, not at the first traced step.
     check_implementation(implementation)
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
+    super().__init__(**common)
     self.implementation = implementation
 
   def attend(self, q, k, v, *, mask, deterministic):

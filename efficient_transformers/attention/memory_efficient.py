@@ -18,7 +18,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax import lax
 
 from efficient_transformers.attention import masking
@@ -262,30 +261,14 @@ class MemoryEfficientAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype | None = None,
-    param_dtype: jnp.dtype = jnp.float32,
     query_chunk_size: int = 512,
     key_chunk_size: int = 512,
+    **common,
   ):
     # Fail when the model is built, not at the first traced step.
     check_chunk_size("query_chunk_size", query_chunk_size)
     check_chunk_size("key_chunk_size", key_chunk_size)
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
+    super().__init__(**common)
     self.query_chunk_size = query_chunk_size
     self.key_chunk_size = key_chunk_size
 

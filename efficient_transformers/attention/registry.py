@@ -18,8 +18,20 @@ from efficient_transformers.errors import ConfigError
 
 _REGISTRY: dict[str, type] = {}
 
-# Arguments every variant takes through `make`; the rest are variant kwargs.
-_COMMON = ("in_features", "num_heads", "head_dim", "dropout_rate", "causal", "rngs")
+# Arguments every variant takes (MultiHeadAttention's); the rest are variant kwargs.
+# A variant declares only its own, keyword-only, and forwards the rest:
+#     def __init__(self, *, block_size: int = 64, **common):
+#       super().__init__(**common)
+_COMMON = (
+  "in_features",
+  "num_heads",
+  "head_dim",
+  "dropout_rate",
+  "causal",
+  "rngs",
+  "dtype",
+  "param_dtype",
+)
 
 
 def register(name: str):
@@ -81,6 +93,7 @@ def make(
   """
   cls = get_class(name)
   allowed = variant_kwargs(name)
+  common = {k: kwargs.pop(k) for k in ("dtype", "param_dtype") if k in kwargs}
   unknown = sorted(set(kwargs) - set(allowed))
   if unknown:
     valid = ", ".join(sorted(allowed)) or "none"
@@ -95,5 +108,6 @@ def make(
     dropout_rate=dropout_rate,
     causal=causal,
     rngs=rngs,
+    **common,
     **kwargs,
   )
