@@ -1,0 +1,219 @@
+"""Linear attention: a kernel feature map in place of softmax, O(L) time and memory.
+
+Katharopoulos et al., "Transformers are RNNs: Fast Autoregressive Transformers
+with Linear Attention" (2020). With a positive feature map phi,
+
+    out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / (phi(q_i)^T sum_j phi(k_j)),
+
+where j runs over the real keys (all of them, or j <= i when causal); the
+sums are computed once instead of forming the [L, L] matrix phi(q) phi(k)^T.
+Here phi(x) = elu(x) + 1.
+
+`linear_attention_from_features` is the shared core for every kernelized
+attention (Performer's FAVOR+ calls it with random features). Padded keys
+have their features zeroed, so they are excluded from both sums: the
+original LRA code summed over them. The causal form cuts the sequence into
+chunks: inside a chunk one explicit [chunk, chunk] causal product, across
+chunks a running state [heads, features, head_dim] carried by `lax.scan`.
+Cost per head: O(L m d) time; memory O(L chunk + L m d / chunk) with
+autodiff (the scan keeps one state per chunk), never L x L.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from efficient_transformers.attention import masking
+from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.registry import register
+from efficient_transformers.errors import ConfigError
+
+_F32 = jnp.float32
+
+
+def check_positive_int(variant: str, name: str, value) -> None:
+  """Raises ConfigError unless `value` is a positive int; names variant and parameter."""
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ConfigError(
+      f"attention {variant!r}: {name}={value!r} must be a positive integer "
+      f"(config.model.attention_kwargs.{name})."
+    )
+
+
+def _pad_length(x: jax.Array, length: int) -> jax.Array:
+  extra = length - x.shape[1]
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, extra)
+  return jnp.pad(x, widths)
+
+
+def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
+  """[batch, n * chunk, ...] -> [n, batch, chunk, ...], the scan's leading axis."""
+  x = x.reshape((x.shape[0], x.shape[1] // chunk, chunk) + x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+  """[n, batch, chunk, ...] -> [batch, n * chunk, ...]."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
+
+
+def _causal_sums(phi_q, phi_k, v, chunk_size):
+  """Numerators [B, Lq, H, Dv] and denominators [B, Lq, H] over keys j <= i."""
+  q_len = phi_q.shape[1]
+  length = max(q_len, phi_k.shape[1])
+  chunk = min(chunk_size, length)
+  total = -(-length // chunk) * chunk
+  # Zero padding: padded keys have zero features (they add nothing), padded
+  # query rows are cut off below.
+  qs, ks, vs = (_to_chunks(_pad_length(x, total), chunk) for x in (phi_q, phi_k, v))
+  below = jnp.tril(jnp.ones((chunk, chunk), bool))
+  batch, _, heads, features = phi_q.shape
+
+  def step(carry, xs):
+    state, normalizer = carry  # [B, H, m, Dv], [B, H, m]: sums over earlier chunks
+    qc, kc, vc = xs
+    scores = jnp.einsum("bqhm,bkhm->bhqk", qc, kc)
+    scores = jnp.where(below, scores, 0.0)
+    num = jnp.einsum("bhqk,bkhd->bqhd", scores, vc)
+    num = num + jnp.einsum("bqhm,bhmd->bqhd", qc, state)
+    den = scores.sum(axis=-1).transpose(0, 2, 1)
+    den = den + jnp.einsum("bqhm,bhm->bqh", qc, normalizer)
+    state = state + jnp.einsum("bkhm,bkhd->bhmd", kc, vc)
+    normalizer = normalizer + kc.sum(axis=1)
+    return (state, normalizer), (num, den)
+
+  init = (
+    jnp.zeros((batch, heads, features, v.shape[-1]), _F32),
+    jnp.zeros((batch, heads, features), _F32),
+  )
+  _, (num, den) = lax.scan(step, init, (qs, ks, vs))
+  return _from_chunks(num)[:, :q_len], _from_chunks(den)[:, :q_len]
+
+
+def linear_attention_from_features(
+  phi_q: jax.Array,
+  phi_k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  chunk_size: int = 64,
+) -> jax.Array:
+  """Normalized linear attention given query and key features; accumulates in float32.
+
+  Args:
+    phi_q: [batch, q_length, heads, num_features], non-negative.
+    phi_k: [batch, kv_length, heads, num_features], non-negative.
+    v: [batch, kv_length, heads, head_dim].
+    mask: [batch, kv_length] bool, True = real token; padded keys are excluded
+      (their features zeroed); or None.
+    causal: query i sees keys j <= i only (absolute positions).
+    chunk_size: positions per chunk of the causal prefix sums; ignored when
+      not causal.
+
+  Returns:
+    [batch, q_length, heads, head_dim] float32. Rows of padded queries
+    (self-attention) and rows whose denominator is zero (no visible key) are
+    zeros.
+
+  Raises:
+    ConfigError: chunk_size is not a positive integer.
+  """
+  check_positive_int("linear", "chunk_size", chunk_size)
+  phi_q, phi_k, v = (x.astype(_F32) for x in (phi_q, phi_k, v))
+  if mask is not None:
+    phi_k = jnp.where(mask[:, :, None, None], phi_k, 0.0)
+  if causal:
+    num, den = _causal_sums(phi_q, phi_k, v, chunk_size)
+  else:
+    num = jnp.einsum("bqhm,bhmd->bqhd", phi_q, jnp.einsum("bkhm,bkhd->bhmd", phi_k, v))
+    den = jnp.einsum("bqhm,bhm->bqh", phi_q, phi_k.sum(axis=1))
+  seen = den > 0
+  # The inner where keeps the gradient finite on rows that see no key.
+  out = jnp.where(seen[..., None], num / jnp.where(seen, den, 1.0)[..., None], 0.0)
+  return masking.zero_padded_queries(out, mask)
+
+
+def elu_feature_map(x: jax.Array) -> jax.Array:
+  """phi(x) = elu(x) + 1 > 0, in float32 (Katharopoulos et al., eq. 7)."""
+  return jax.nn.elu(x.astype(_F32)) + 1.0
+
+
+def linear_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  chunk_size: int = 64,
+) -> jax.Array:
+  """Linear attention with phi(x) = elu(x) + 1; no [L, L] array is formed.
+
+  Args:
+    q: [batch, q_length, heads, head_dim].
+    k, v: [batch, kv_length, heads, head_dim].
+    mask: [batch, kv_length] bool, True = real token; or None. Padded keys
+      are excluded from the sums.
+    causal: query i sees keys j <= i only.
+    chunk_size: positions per chunk of the causal prefix sums (the peak extra
+      memory holds one [batch, heads, chunk_size, chunk_size] block per chunk).
+
+  Returns:
+    [batch, q_length, heads, head_dim] in q's dtype (accumulated in float32).
+    Rows of padded queries and rows with no visible key are zeros.
+
+  Raises:
+    ConfigError: chunk_size is not a positive integer.
+  """
+  check_positive_int("linear", "chunk_size", chunk_size)
+  masking.check_qkv("linear", q, k, v, mask)
+  out = linear_attention_from_features(
+    elu_feature_map(q), elu_feature_map(k), v, mask=mask, causal=causal, chunk_size=chunk_size
+  )
+  return out.astype(q.dtype)
+
+
+@register("linear")
+class LinearAttention(MultiHeadAttention):
+  """Multi-head linear attention (elu + 1 features), O(L) time and memory.
+
+  Variant kwargs:
+    chunk_size: positions per chunk of the causal prefix sums (default 64).
+  """
+
+  def __init__(
+    self,
+    *,
+    in_features: int,
+    num_heads: int,
+    head_dim: int,
+    dropout_rate: float = 0.0,
+    causal: bool = False,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
+    chunk_size: int = 64,
+  ):
+    # Fail when the model is built, not at the first traced step.
+    check_positive_int("linear", "chunk_size", chunk_size)
+    super().__init__(
+      in_features=in_features,
+      num_heads=num_heads,
+      head_dim=head_dim,
+      dropout_rate=dropout_rate,
+      causal=causal,
+      rngs=rngs,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+    self.chunk_size = chunk_size
+
+  def attend(self, q, k, v, *, mask, deterministic):
+    del deterministic
+    return linear_attention(q, k, v, mask=mask, causal=self.causal, chunk_size=self.chunk_size)

@@ -1,0 +1,298 @@
+"""The Sparse Transformer's fixed and strided patterns, computed blockwise.
+
+Child et al., "Generating Long Sequences with Sparse Transformers" (2019).
+With l the block length (fixed) or the stride (strided) and c the summary
+width, query i may see key j when:
+
+  fixed:   j is in i's block (j // l == i // l), or j is one of the last c
+           "summary" positions of a block (j mod l >= l - c): of a previous
+           block when causal, of any block otherwise;
+  strided: j is within the local window |i - j| < l, or (i - j) mod l == 0;
+
+and, when causal, j <= i. The paper splits the two halves of a pattern over
+different heads or layers; here each head computes ONE combined pattern, their
+union, with a single softmax over it (the head-splitting variants are not
+implemented). The original LRA code emulated these patterns with a dense
+[L, L] mask; nothing here is quadratic:
+
+  fixed:   per query block, its own l keys concatenated with the gathered
+           summary keys [num_blocks * c] (a mask says which summary blocks
+           the query block may see). Time O(L (l + c L / l) d), memory
+           O(L (l + c L / l)) per head.
+  strided: the local window from the own and neighboring blocks of length l,
+           concatenated with the keys of the query's residue class mod l
+           (a strided reshape). Time O(L (3l + L / l) d), memory
+           O(L (3l + L / l)) per head: O(L^1.5) at l ~ sqrt(L).
+
+Overlaps between the two key sets are masked in one of them, so no key is
+counted twice. Gradients are plain autodiff, which stores only these blocked
+logits.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_transformers.attention import masking
+from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.local import (
+  check_fits_sequence,
+  check_positive_int,
+  masked_softmax,
+  neighbor_blocks,
+  pad_to,
+  to_blocks,
+)
+from efficient_transformers.attention.registry import register
+from efficient_transformers.errors import ConfigError
+
+_F32 = jnp.float32
+PATTERNS = ("fixed", "strided")
+
+
+def _check_params(pattern, block_size, num_summary, stride) -> None:
+  if pattern not in PATTERNS:
+    raise ConfigError(
+      f"attention 'sparse': pattern={pattern!r} is not one of {list(PATTERNS)} "
+      "(config.model.attention_kwargs.pattern)."
+    )
+  check_positive_int("sparse", "block_size", block_size)
+  check_positive_int("sparse", "num_summary", num_summary)
+  if stride is not None:
+    check_positive_int("sparse", "stride", stride)
+  if num_summary > block_size:
+    raise ConfigError(
+      f"attention 'sparse': num_summary={num_summary} must be <= block_size={block_size} "
+      "(config.model.attention_kwargs.num_summary)."
+    )
+
+
+def sparse_pattern(
+  q_len: int,
+  kv_len: int,
+  *,
+  pattern: str = "fixed",
+  block_size: int = 50,
+  num_summary: int = 1,
+  stride: int | None = None,
+  causal: bool = False,
+) -> np.ndarray:
+  """The dense boolean pattern [q_len, kv_len] that `sparse_attention` computes.
+
+  See the module docstring for the definition. For tests and plots only: it
+  is O(L^2).
+  """
+  _check_params(pattern, block_size, num_summary, stride)
+  i = np.arange(q_len)[:, None]
+  j = np.arange(kv_len)[None, :]
+  if pattern == "fixed":
+    b, c = block_size, num_summary
+    summary = j % b >= b - c
+    if causal:
+      summary = summary & (j // b < i // b)
+    keep = (j // b == i // b) | summary
+  else:
+    b = block_size if stride is None else stride
+    keep = (np.abs(i - j) < b) | ((i - j) % b == 0)
+  if causal:
+    keep = keep & (j <= i)
+  return keep
+
+
+def _fixed(q, k, v, keep, causal, b, c):
+  """Blocked fixed pattern; lengths are a multiple of b. Returns [B, L, H, D]."""
+  batch, length = q.shape[:2]
+  num_blocks = length // b
+  qb, kb, vb = (to_blocks(x, b) for x in (q, k, v))  # [B, nb, b, H, D]
+  keep_b = to_blocks(keep, b)  # [B, nb, b]
+  # Summary keys: the last c positions of every block, [B, nb * c, ...].
+  ks, vs = (x[:, :, b - c :].reshape(batch, num_blocks * c, *x.shape[3:]) for x in (kb, vb))
+  keep_s = keep_b[:, :, b - c :].reshape(batch, num_blocks * c)
+
+  local = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kb, preferred_element_type=_F32)
+  summary = jnp.einsum("bnqhd,bshd->bhnqs", qb, ks, preferred_element_type=_F32)
+  logits = jnp.concatenate([local, summary], axis=-1) * (q.shape[-1] ** -0.5)
+
+  keep_local = keep_b[:, None, :, None, :]  # [B, 1, nb, 1, b]
+  if causal:
+    keep_local = keep_local & jnp.tril(jnp.ones((b, b), bool))
+  # The own block's summaries are already among its local keys.
+  q_block = jnp.arange(num_blocks)[:, None]
+  s_block = jnp.arange(num_blocks * c)[None, :] // c
+  seen = s_block < q_block if causal else s_block != q_block  # [nb, nb * c]
+  keep_summary = keep_s[:, None, None, None, :] & seen[None, None, :, None, :]
+  shape = logits.shape[:-1]
+  keep_all = jnp.concatenate(
+    [
+      jnp.broadcast_to(keep_local, shape + (b,)),
+      jnp.broadcast_to(keep_summary, shape + (num_blocks * c,)),
+    ],
+    axis=-1,
+  )
+  weights = masked_softmax(logits, keep_all).astype(v.dtype)
+  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., :b], vb)
+  out = out + jnp.einsum("bhnqs,bshd->bnqhd", weights[..., b:], vs)
+  return out.reshape(q.shape)
+
+
+def _strided(q, k, v, keep, causal, b):
+  """Blocked strided pattern; lengths are a multiple of b. Returns [B, L, H, D]."""
+  num_blocks = q.shape[1] // b
+  offsets = range(-1, 1 if causal else 2)
+  qb = to_blocks(q, b)  # [B, nb, b, H, D]: block a, residue r = position a * b + r
+  kn, vn = (neighbor_blocks(to_blocks(x, b), offsets) for x in (k, v))
+  keep_n = neighbor_blocks(to_blocks(keep, b), offsets)  # [B, nb, W]
+  # Residue classes: the same arrays with the (block, residue) axes swapped.
+  kr, vr = (to_blocks(x, b).swapaxes(1, 2) for x in (k, v))  # [B, b, nb, H, D]
+  keep_r = to_blocks(keep, b).swapaxes(1, 2)  # [B, b, nb]
+
+  local = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kn, preferred_element_type=_F32)
+  strided = jnp.einsum("barhd,brchd->bharc", qb, kr, preferred_element_type=_F32)
+  logits = jnp.concatenate([local, strided], axis=-1) * (q.shape[-1] ** -0.5)
+
+  q_pos = jnp.arange(b)[:, None]
+  k_pos = offsets[0] * b + jnp.arange(len(offsets) * b)[None, :]
+  window = jnp.abs(q_pos - k_pos) < b
+  if causal:
+    window = window & (k_pos <= q_pos)
+  keep_local = keep_n[:, None, :, None, :] & window  # [B, 1, nb, b, W]
+  # Same residue, other block: j = i itself is a local key already.
+  a = jnp.arange(num_blocks)[:, None]
+  cb = jnp.arange(num_blocks)[None, :]
+  seen = cb < a if causal else cb != a  # [nb(a), nb(c)]
+  keep_strided = keep_r[:, None, None, :, :] & seen[None, None, :, None, :]
+  shape = logits.shape[:-1]
+  keep_all = jnp.concatenate(
+    [
+      jnp.broadcast_to(keep_local, shape + (len(offsets) * b,)),
+      jnp.broadcast_to(keep_strided, shape + (num_blocks,)),
+    ],
+    axis=-1,
+  )
+  weights = masked_softmax(logits, keep_all).astype(v.dtype)
+  width = len(offsets) * b
+  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., :width], vn)
+  out = out + jnp.einsum("bharc,brchd->barhd", weights[..., width:], vr)
+  return out.reshape(q.shape)
+
+
+def sparse_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  pattern: str = "fixed",
+  block_size: int = 50,
+  num_summary: int = 1,
+  stride: int | None = None,
+) -> jax.Array:
+  """Softmax attention restricted to a Sparse Transformer pattern (`sparse_pattern`).
+
+  Lengths are padded internally up to a multiple of the block (fixed) or the
+  stride (strided); padded keys are masked and padded query rows dropped, so
+  the result equals dense masked softmax under `sparse_pattern` for any length.
+
+  Args:
+    q: [batch, q_length, heads, head_dim].
+    k, v: [batch, kv_length, heads, head_dim].
+    mask: [batch, kv_length] bool, True = real token; or None.
+    causal: query i sees keys j <= i only.
+    pattern: "fixed" or "strided" (Child et al. 2019, section 4.3).
+    block_size: the fixed pattern's block length l; the strided pattern's
+      stride when `stride` is None (default 50, as in LRA).
+    num_summary: the fixed pattern's summary width c (<= block_size).
+    stride: the strided pattern's stride l; None means block_size.
+
+  Returns:
+    [batch, q_length, heads, head_dim] in q's dtype (softmax in float32).
+    Rows of padded queries (self-attention) and rows with no visible key are
+    zeros.
+
+  Raises:
+    ConfigError: an unknown pattern, a size that is not a positive integer,
+      num_summary > block_size, or a block (fixed) / stride (strided) larger
+      than kv_length.
+  """
+  _check_params(pattern, block_size, num_summary, stride)
+  masking.check_qkv("sparse", q, k, v, mask)
+  batch, q_length = q.shape[:2]
+  kv_length = k.shape[1]
+  if pattern == "fixed":
+    check_fits_sequence("sparse", "block_size", block_size, kv_length)
+    b = block_size
+  else:
+    b = block_size if stride is None else stride
+    check_fits_sequence("sparse", "stride" if stride is not None else "block_size", b, kv_length)
+  padded = -(-max(q_length, kv_length) // b) * b
+  keep = jnp.ones((batch, kv_length), bool) if mask is None else mask.astype(bool)
+  q, k, v, keep = (pad_to(x, padded) for x in (q, k, v, keep))
+  if pattern == "fixed":
+    out = _fixed(q, k, v, keep, causal, b, num_summary)
+  else:
+    out = _strided(q, k, v, keep, causal, b)
+  return masking.zero_padded_queries(out[:, :q_length], mask).astype(q.dtype)
+
+
+@register("sparse")
+class SparseAttention(MultiHeadAttention):
+  """Multi-head Sparse Transformer attention (see `sparse_attention`).
+
+  Variant kwargs:
+    pattern: "fixed" (default) or "strided".
+    block_size: fixed block length l (default 50, as in LRA).
+    num_summary: fixed summary width c (default 1).
+    stride: strided stride l (default None: block_size).
+  """
+
+  def __init__(
+    self,
+    *,
+    in_features: int,
+    num_heads: int,
+    head_dim: int,
+    dropout_rate: float = 0.0,
+    causal: bool = False,
+    rngs: nnx.Rngs,
+    dtype: jnp.dtype | None = None,
+    param_dtype: jnp.dtype = jnp.float32,
+    pattern: str = "fixed",
+    block_size: int = 50,
+    num_summary: int = 1,
+    stride: int | None = None,
+  ):
+    # Fail when the model is built, not at the first traced step.
+    _check_params(pattern, block_size, num_summary, stride)
+    super().__init__(
+      in_features=in_features,
+      num_heads=num_heads,
+      head_dim=head_dim,
+      dropout_rate=dropout_rate,
+      causal=causal,
+      rngs=rngs,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+    self.pattern_name = pattern
+    self.block_size = block_size
+    self.num_summary = num_summary
+    self.stride = stride
+
+  def _kwargs(self) -> dict:
+    return dict(
+      pattern=self.pattern_name,
+      block_size=self.block_size,
+      num_summary=self.num_summary,
+      stride=self.stride,
+      causal=self.causal,
+    )
+
+  def pattern(self, length: int) -> np.ndarray:
+    """The boolean self-attention pattern [length, length] this module computes."""
+    return sparse_pattern(length, length, **self._kwargs())
+
+  def attend(self, q, k, v, *, mask, deterministic):
+    del deterministic
+    return sparse_attention(q, k, v, mask=mask, **self._kwargs())

@@ -1,0 +1,266 @@
+"""Speed and memory of every attention variant, LRA Table 2 protocol.
+
+The model is LRA's byte-level Text classifier (4 layers, 256 wide, 4 heads,
+qkv 256, MLP 1024, 257-token vocabulary), one step being forward + backward
+of the classification loss. For each variant and length:
+
+- memory: XLA's `memory_analysis()` of the compiled step (temporaries, and
+  temporaries + arguments), deterministic for a backend and JAX version;
+- time: the median wall time of `--steps` executed steps after one warm-up,
+  measured only up to `--time_max_length` (softmax at 16K is hours on a CPU).
+
+Both are reported as ratios to `softmax` measured in the same run, with the
+device named. Output: a markdown table (printed and `attention.md`),
+`attention.csv`, and a log-log plot `attention.png` of time and memory
+against length.
+
+    python -m efficient_transformers.benchmarks.attention --out=benchmarks_out
+    python -m efficient_transformers.benchmarks.attention --attentions=softmax,memory_efficient \\
+        --lengths=1024,2048,4096 --batch=8 --dtype=bfloat16 --out=...
+"""
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from efficient_transformers import attention
+from efficient_transformers.errors import ConfigError, UserError
+from efficient_transformers.models import EncoderClassifier
+
+# LRA's byte-level Text model (LRA_REFERENCE.md, Table 2 protocol).
+TEXT_MODEL = dict(num_layers=4, emb_dim=256, num_heads=4, qkv_dim=256, mlp_dim=1024)
+VOCAB = 257
+_MIB = 2**20
+
+# Per-variant settings for the benchmark: the original LRA code's defaults where
+# it had them (LRA_REFERENCE.md), else the variant's own defaults.
+BENCH_KWARGS = {
+  "local": dict(block_size=64),
+  "sparse": dict(block_size=50),
+  "linformer": dict(k=16),
+  "performer": dict(kernel="relu", num_features=256),
+}
+
+
+def _variant_kwargs(name: str, length: int) -> dict:
+  kwargs = dict(BENCH_KWARGS.get(name, {}))
+  if "max_length" in attention.registry.variant_kwargs(name):
+    kwargs["max_length"] = length
+  return {k: v for k, v in kwargs.items() if k in attention.registry.variant_kwargs(name)}
+
+
+def build_step(name: str, length: int, batch: int, dtype, num_layers: int):
+  """(jitted step, abstract params, abstract batch) for one variant and length."""
+
+  def create():
+    return EncoderClassifier(
+      num_classes=2,
+      pooling="cls",
+      classifier_dim=TEXT_MODEL["mlp_dim"],
+      vocab_size=VOCAB,
+      max_length=length,
+      attention_name=name,
+      attention_kwargs=_variant_kwargs(name, length + 1),
+      dropout_rate=0.0,
+      attention_dropout_rate=0.0,
+      dtype=None if dtype == jnp.float32 else dtype,
+      rngs=nnx.Rngs(0),
+      **dict(TEXT_MODEL, num_layers=num_layers),
+    )
+
+  graphdef, abstract_params, rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
+  rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[2])()
+
+  def step(params, ids, labels):
+    def loss_fn(p):
+      logits = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))(ids)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    return jax.value_and_grad(loss_fn)(params)
+
+  ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+  return jax.jit(step), nnx.to_pure_dict(abstract_params), ids, labels, create
+
+
+def measure(
+  name: str, length: int, *, batch: int, dtype, steps: int, time_it: bool, num_layers: int = 4
+) -> dict:
+  row = {"attention": name, "length": length}
+  try:
+    step, abs_params, ids, labels, create = build_step(name, length, batch, dtype, num_layers)
+    compiled = step.lower(abs_params, ids, labels).compile()
+  except UserError as e:
+    return {**row, "error": str(e)}
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    row["temp_mib"] = mem.temp_size_in_bytes / _MIB
+    row["total_mib"] = (mem.temp_size_in_bytes + mem.argument_size_in_bytes) / _MIB
+  if time_it:
+    params = nnx.to_pure_dict(nnx.split(create(), nnx.Param, ...)[1])
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.integers(1, VOCAB, size=ids.shape), jnp.int32)
+    y = jnp.asarray(rng.integers(0, 2, size=labels.shape), jnp.int32)
+    jax.block_until_ready(compiled(params, x, y))  # Warm-up.
+    times = []
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(params, x, y))
+      times.append(time.perf_counter() - t0)
+    row["step_s"] = statistics.median(times)
+  return row
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
+  """Adds time and memory ratios to softmax at the same length."""
+  ref = {r["length"]: r for r in rows if r["attention"] == "softmax"}
+  for r in rows:
+    base = ref.get(r["length"], {})
+    for key, out in (("step_s", "time_vs_softmax"), ("total_mib", "memory_vs_softmax")):
+      if key in r and key in base:
+        r[out] = r[key] / base[key]
+  return rows
+
+
+def markdown(rows: list[dict], header: str) -> str:
+  lines = [
+    header,
+    "",
+    "| attention | L | step ms | time vs softmax | memory MiB | memory vs softmax |",
+    "|---|---:|---:|---:|---:|---:|",
+  ]
+
+  def fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+  for r in rows:
+    if "error" in r:
+      lines.append(f"| {r['attention']} | {r['length']} | error: {r['error']} | | | |")
+      continue
+    step_ms = r.get("step_s") and r["step_s"] * 1e3
+    lines.append(
+      f"| {r['attention']} | {r['length']} | {fmt(step_ms, '.1f')} | "
+      f"{fmt(r.get('time_vs_softmax'), '.2f')} | {fmt(r.get('total_mib'), '.1f')} | "
+      f"{fmt(r.get('memory_vs_softmax'), '.3f')} |"
+    )
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str, title: str) -> bool:
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib is not installed; skipping the plot.", file=sys.stderr)
+    return False
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+  for name in dict.fromkeys(r["attention"] for r in rows):
+    mine = [r for r in rows if r["attention"] == name]
+    for ax, key in zip(axes, ("step_s", "total_mib"), strict=True):
+      pts = [(r["length"], r[key]) for r in mine if key in r]
+      if pts:
+        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+  for ax, label in zip(axes, ("step time (s)", "compiled memory (MiB)"), strict=True):
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel(label)
+    ax.grid(True, which="both", alpha=0.3)
+  axes[1].legend(fontsize=8)
+  fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def _ints(text: str, flag: str) -> list[int]:
+  try:
+    values = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    values = []
+  if not values or min(values) <= 0:
+    raise ConfigError(f"{flag}={text!r}: give positive integers separated by commas.")
+  return values
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--attentions", default=",".join(attention.available()))
+  parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+  parser.add_argument("--batch", type=int, default=32, help="LRA used 32.")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per cell")
+  parser.add_argument(
+    "--time_max_length", type=int, default=4096, help="time only up to this length"
+  )
+  parser.add_argument("--num_layers", type=int, default=4, help="LRA: 4 (fewer for quick checks)")
+  parser.add_argument("--out", default=None, help="directory for .md, .csv and .png")
+  args = parser.parse_args(argv)
+  try:
+    names = [n.strip() for n in args.attentions.split(",") if n.strip()]
+    for n in names:
+      attention.get_class(n)
+    if "softmax" not in names:
+      names.insert(0, "softmax")  # The reference every ratio needs.
+    lengths = _ints(args.lengths, "--lengths")
+    dtype = jnp.dtype(args.dtype)
+    rows = []
+    for length in lengths:
+      for name in names:
+        row = measure(
+          name,
+          length,
+          batch=args.batch,
+          dtype=dtype,
+          steps=args.steps,
+          time_it=length <= args.time_max_length,
+          num_layers=args.num_layers,
+        )
+        print(row, file=sys.stderr, flush=True)
+        rows.append(row)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  rows = with_ratios(rows)
+  device = jax.devices()[0]
+  header = (
+    f"Attention step (forward + backward), LRA Text model ({args.num_layers} layers), "
+    f"batch {args.batch}, {args.dtype}. "
+    f"Device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), "
+    f"jax {jax.__version__}. Memory: compiled temporaries + arguments; "
+    f"time: median of {args.steps} steps, measured up to L={args.time_max_length}."
+  )
+  table = markdown(rows, header)
+  print(table)
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "attention.md"), "w") as f:
+      f.write(table + "\n")
+    keys = [
+      "attention", "length", "step_s", "time_vs_softmax", "temp_mib", "total_mib",
+      "memory_vs_softmax", "error",
+    ]  # fmt: skip
+    with open(os.path.join(args.out, "attention.csv"), "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=keys)
+      writer.writeheader()
+      writer.writerows({k: r.get(k) for k in keys} for r in rows)
+    title = f"{device.device_kind} ({jax.default_backend()}), batch {args.batch}, {args.dtype}"
+    plot(rows, os.path.join(args.out, "attention.png"), title)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
