@@ -14,6 +14,7 @@ def test_benchmark_writes_ratios_against_softmax(tmp_path, capsys):
       "--lengths=16,32",
       "--batch=1",
       "--steps=1",
+      "--num_layers=1",
       f"--out={tmp_path}",
     ]  # fmt: skip
   )
