@@ -9,6 +9,18 @@ from configs.lra import listops as listops_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Attention kwargs for short test sequences (>= 12 positions); the rest keep defaults.
+SMALL_KWARGS = {
+  "memory_efficient": dict(query_chunk_size=8, key_chunk_size=8),
+  "local": dict(block_size=8),
+  "sparse": dict(block_size=8),
+  "linformer": dict(max_length=64, k=8),
+  "nystromformer": dict(num_landmarks=4),
+  "performer": dict(num_features=16),
+  "linear": dict(chunk_size=8),
+}
+
+
 def tiny_config(data_dir, *, attention: str = "softmax", steps: int = 6):
   """The smoke config shrunk to seconds: 1 layer, width 16, length 32, batch 8."""
   c = listops_config.get_config(f"smoke,attention={attention}")

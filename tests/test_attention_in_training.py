@@ -7,18 +7,7 @@ import pytest
 from efficient_transformers import attention
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.training import sharding, state
-from tests.helpers import tiny_config
-
-# Settings that fit the tiny config's 33 positions (32 tokens + CLS); the rest keep defaults.
-SMALL_KWARGS = {
-  "memory_efficient": dict(query_chunk_size=8, key_chunk_size=8),
-  "local": dict(block_size=8),
-  "sparse": dict(block_size=8),
-  "linformer": dict(max_length=64, k=8),
-  "nystromformer": dict(num_landmarks=4),
-  "performer": dict(num_features=16),
-  "linear": dict(chunk_size=8),
-}
+from tests.helpers import SMALL_KWARGS, tiny_config
 
 
 @pytest.fixture(scope="module")

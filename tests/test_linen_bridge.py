@@ -9,6 +9,7 @@ from flax import nnx
 from flax.nnx import bridge
 
 from efficient_transformers import attention
+from tests.helpers import SMALL_KWARGS
 
 SIZES = dict(in_features=16, num_heads=2, head_dim=8)
 
@@ -20,7 +21,8 @@ class LinenEncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask):
-    layer = bridge.to_linen(attention.get_class(self.name_of_attention), **SIZES)
+    kwargs = SMALL_KWARGS.get(self.name_of_attention, {})
+    layer = bridge.to_linen(attention.get_class(self.name_of_attention), **SIZES, **kwargs)
     return x + layer(nn.LayerNorm()(x), mask=mask)
 
 
@@ -35,7 +37,7 @@ def test_linen_wrapped_attention_matches_the_nnx_module(name):
 
   # The same parameters in the NNX module give the same output.
   params = nn.unbox(variables)["params"]  # Linen boxes NNX metadata (axis names).
-  module = attention.make(name, rngs=nnx.Rngs(2), **SIZES)
+  module = attention.make(name, rngs=nnx.Rngs(2), **SIZES, **SMALL_KWARGS.get(name, {}))
   state = nnx.state(module, nnx.Param)
   before = module(x, mask=mask)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, dict(params["ToLinen_0"])))

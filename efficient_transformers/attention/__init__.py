@@ -15,10 +15,22 @@ from efficient_transformers.attention.registry import available, get_class, make
 
 # isort: split
 # Variant modules register themselves on import, so they come after the registry.
-from efficient_transformers.attention import dot_product, memory_efficient, softmax
+from efficient_transformers.attention import (
+  dot_product,
+  linformer,
+  local,
+  memory_efficient,
+  nystromformer,
+  softmax,
+  sparse,
+)
 from efficient_transformers.attention.dot_product import dot_product_attention
+from efficient_transformers.attention.linformer import linformer_attention
+from efficient_transformers.attention.local import local_attention, local_pattern
 from efficient_transformers.attention.memory_efficient import memory_efficient_attention
+from efficient_transformers.attention.nystromformer import nystromformer_attention
 from efficient_transformers.attention.softmax import softmax_attention
+from efficient_transformers.attention.sparse import sparse_attention, sparse_pattern
 
 __all__ = [
   "MultiHeadAttention",
@@ -26,11 +38,21 @@ __all__ = [
   "dot_product",
   "dot_product_attention",
   "get_class",
+  "linformer",
+  "linformer_attention",
+  "local",
+  "local_attention",
+  "local_pattern",
   "make",
   "masking",
   "memory_efficient",
   "memory_efficient_attention",
+  "nystromformer",
+  "nystromformer_attention",
   "register",
   "softmax",
   "softmax_attention",
+  "sparse",
+  "sparse_attention",
+  "sparse_pattern",
 ]
