@@ -124,7 +124,7 @@ def test_cross_attention_lengths_match_reference(causal):
   mask = jnp.asarray(np.arange(29)[None, :] >= np.array([[5], [0]]))
   out = output(CHUNKED[7], q, k, v, mask=mask, causal=causal)
   chex.assert_shape(out, (BATCH, 13, HEADS, HEAD_DIM))
-  ref = reference_linear_attention(q, k, v, mask=mask, causal=causal)
+  ref = output(reference_linear_attention, q, k, v, mask=mask, causal=causal)
   chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
   if causal:
     np.testing.assert_array_equal(np.asarray(out[0, :5]), 0.0)
@@ -216,12 +216,6 @@ def test_module_from_make():
   chex.assert_shape(y, x.shape)
   chex.assert_tree_all_finite((y, grads))
   assert float(jnp.abs(grads["query"]["kernel"][...]).sum()) > 0
-  # Bidirectional: the causal module's output differs (it is not ignored).
-  bidirectional = _build(causal=False)
-  y2 = bidirectional(x, mask=mask)
-  chex.assert_shape(y2, x.shape)
-  chex.assert_tree_all_finite(y2)
-  assert not np.allclose(np.asarray(y2), np.asarray(y), atol=1e-4)
 
 
 @pytest.mark.parametrize("value", [0, -4, 2.5, True])

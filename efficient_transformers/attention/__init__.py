@@ -17,18 +17,22 @@ from efficient_transformers.attention.registry import available, get_class, make
 # Variant modules register themselves on import, so they come after the registry.
 from efficient_transformers.attention import (
   dot_product,
+  linear,
   linformer,
   local,
   memory_efficient,
   nystromformer,
+  performer,
   softmax,
   sparse,
 )
 from efficient_transformers.attention.dot_product import dot_product_attention
+from efficient_transformers.attention.linear import linear_attention
 from efficient_transformers.attention.linformer import linformer_attention
 from efficient_transformers.attention.local import local_attention, local_pattern
 from efficient_transformers.attention.memory_efficient import memory_efficient_attention
 from efficient_transformers.attention.nystromformer import nystromformer_attention
+from efficient_transformers.attention.performer import performer_attention
 from efficient_transformers.attention.softmax import softmax_attention
 from efficient_transformers.attention.sparse import sparse_attention, sparse_pattern
 
@@ -38,6 +42,8 @@ __all__ = [
   "dot_product",
   "dot_product_attention",
   "get_class",
+  "linear",
+  "linear_attention",
   "linformer",
   "linformer_attention",
   "local",
@@ -49,6 +55,8 @@ __all__ = [
   "memory_efficient_attention",
   "nystromformer",
   "nystromformer_attention",
+  "performer",
+  "performer_attention",
   "register",
   "softmax",
   "softmax_attention",

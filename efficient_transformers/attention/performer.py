@@ -131,14 +131,17 @@ def performer_feature_maps(
     return jnp.einsum("blhd,md->blhm", x, w) - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
 
   q_exp, k_exp = exponent(q), exponent(k)
+  real = True if mask is None else mask[:, :, None, None]
   if causal:
     half_norms = 0.5 * jnp.sum(w * w, axis=-1)  # [m]
     q_exp, k_exp = q_exp + half_norms, k_exp - half_norms
   else:
-    real = True if mask is None else mask[:, :, None, None]
     k_max = jnp.max(jnp.where(real, k_exp, -jnp.inf), axis=(1, 3), keepdims=True)
     k_max = jnp.where(jnp.isfinite(k_max), k_max, 0.0)  # all keys padded
     k_exp = k_exp - jax.lax.stop_gradient(k_max)
+  # Padded keys are dropped by the core anyway; a finite exponent here keeps
+  # exp() (and so its gradient, 0 * exp) finite whatever junk they hold.
+  k_exp = jnp.where(real, k_exp, 0.0)
   q_exp = q_exp - jax.lax.stop_gradient(jnp.max(q_exp, axis=-1, keepdims=True))
   norm = math.sqrt(num_features)
   return jnp.exp(q_exp) / norm, jnp.exp(k_exp) / norm
