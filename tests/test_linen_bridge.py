@@ -35,12 +35,18 @@ def test_linen_wrapped_attention_matches_the_nnx_module(name):
   y = model.apply(variables, x, mask)
   assert y.shape == x.shape
 
-  # The same parameters in the NNX module give the same output.
-  params = nn.unbox(variables)["params"]  # Linen boxes NNX metadata (axis names).
+  # The same variables in the NNX module give the same output. Linen keeps
+  # non-parameter state (e.g. Performer's random features) in collections named
+  # after the variable type; together they form the module's whole state.
+  variables = nn.unbox(variables)  # Linen boxes NNX metadata (axis names).
+  params = variables["params"]
   module = attention.make(name, rngs=nnx.Rngs(2), **SIZES, **SMALL_KWARGS.get(name, {}))
-  state = nnx.state(module, nnx.Param)
   before = module(x, mask=mask)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, dict(params["ToLinen_0"])))
+  merged = {}
+  for tree in variables.values():
+    merged.update(jax.tree.map(jnp.asarray, dict(tree.get("ToLinen_0", {}))))
+  state = nnx.state(module)
+  nnx.replace_by_pure_dict(state, merged)
   nnx.update(module, state)
   normed = nn.LayerNorm().apply({"params": params["LayerNorm_0"]}, x)
   expected = x + module(normed, mask=mask)
