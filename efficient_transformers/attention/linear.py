@@ -27,18 +27,9 @@ from jax import lax
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
-from efficient_transformers.errors import ConfigError
+from efficient_transformers.attention.validation import check_positive_int
 
 _F32 = jnp.float32
-
-
-def check_positive_int(variant: str, name: str, value) -> None:
-  """Raises ConfigError unless `value` is a positive int; names variant and parameter."""
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ConfigError(
-      f"attention {variant!r}: {name}={value!r} must be a positive integer "
-      f"(config.model.attention_kwargs.{name})."
-    )
 
 
 def _pad_length(x: jax.Array, length: int) -> jax.Array:

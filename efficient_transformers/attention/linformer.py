@@ -29,26 +29,12 @@ from flax import nnx
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
+from efficient_transformers.attention.validation import check_not_causal, check_positive_int
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.layers.partitioning import param_axes
 
 _F32 = jnp.float32
-
-
-def _check_positive_int(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ConfigError(
-      f"attention 'linformer': {name}={value!r} must be a positive integer "
-      f"(config.model.attention_kwargs.{name})."
-    )
-
-
-def _check_not_causal(causal: bool) -> None:
-  if causal:
-    raise ConfigError(
-      "attention 'linformer': causal=True is not supported (the length projection "
-      "mixes future tokens into every projected key); use a causal variant."
-    )
+_NOT_CAUSAL = "the length projection mixes future tokens into every projected key"
 
 
 def _project(x: jax.Array, proj: jax.Array) -> jax.Array:
@@ -95,7 +81,7 @@ def linformer_attention(
   Raises:
     ConfigError: causal=True, or kv_length > max_length (E's rows).
   """
-  _check_not_causal(causal)
+  check_not_causal("linformer", causal, _NOT_CAUSAL)
   masking.check_qkv("linformer", q, k, v, mask)
   e = key_projection
   f = e if value_projection is None else value_projection
@@ -170,9 +156,9 @@ class LinformerAttention(MultiHeadAttention):
     share_heads: bool = True,
   ):
     # Fail when the model is built, not at the first traced step.
-    _check_positive_int("max_length", max_length)
-    _check_positive_int("k", k)
-    _check_not_causal(causal)
+    check_positive_int("linformer", "max_length", max_length)
+    check_positive_int("linformer", "k", k)
+    check_not_causal("linformer", causal, _NOT_CAUSAL)
     super().__init__(
       in_features=in_features,
       num_heads=num_heads,

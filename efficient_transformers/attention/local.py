@@ -21,28 +21,9 @@ from flax import nnx
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
-from efficient_transformers.errors import ConfigError
+from efficient_transformers.attention.validation import check_fits_sequence, check_positive_int
 
 _F32 = jnp.float32
-
-
-def check_positive_int(variant: str, name: str, value, *, minimum: int = 1) -> None:
-  """Raises ConfigError naming `variant` and `name` unless `value` is an int >= minimum."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-    raise ConfigError(
-      f"attention {variant!r}: {name}={value!r} must be {kind} "
-      f"(config.model.attention_kwargs.{name})."
-    )
-
-
-def check_fits_sequence(variant: str, name: str, value: int, length: int) -> None:
-  """Raises ConfigError when a block (window) of `value` tokens exceeds the sequence."""
-  if value > length:
-    raise ConfigError(
-      f"attention {variant!r}: {name}={value} is larger than the sequence length {length}; "
-      f"set config.model.attention_kwargs.{name} <= {length}."
-    )
 
 
 def pad_to(x: jax.Array, length: int) -> jax.Array:

@@ -23,18 +23,14 @@ from jax import lax
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
-from efficient_transformers.errors import ConfigError
+from efficient_transformers.attention.validation import check_positive_int
 
 _F32 = jnp.float32
 
 
 def check_chunk_size(name: str, value) -> None:
   """Raises ConfigError unless `value` is a positive int; `name` is the parameter."""
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ConfigError(
-      f"attention 'memory_efficient': {name}={value!r} must be a positive integer "
-      f"(config.model.attention_kwargs.{name})."
-    )
+  check_positive_int("memory_efficient", name, value)
 
 
 def _chunk(x: jax.Array, index: jax.Array, size: int, axis: int) -> jax.Array:

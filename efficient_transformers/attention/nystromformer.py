@@ -37,27 +37,11 @@ from jax import lax
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
-from efficient_transformers.errors import ConfigError
+from efficient_transformers.attention.validation import check_not_causal, check_positive_int
 from efficient_transformers.layers.partitioning import param_axes
 
 _F32 = jnp.float32
-
-
-def _check_int(name: str, value, *, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    kind = "a positive integer" if minimum > 0 else "an integer >= 0"
-    raise ConfigError(
-      f"attention 'nystromformer': {name}={value!r} must be {kind} "
-      f"(config.model.attention_kwargs.{name})."
-    )
-
-
-def _check_not_causal(causal: bool) -> None:
-  if causal:
-    raise ConfigError(
-      "attention 'nystromformer': causal=True is not supported (landmarks average "
-      "over future tokens); use a causal variant."
-    )
+_NOT_CAUSAL = "landmarks average over future tokens"
 
 
 def iterative_pinv(a: jax.Array, iterations: int) -> jax.Array:
@@ -154,9 +138,9 @@ def nystromformer_attention(
     ConfigError: causal=True or a non-positive num_landmarks / negative
       pinv_iterations.
   """
-  _check_not_causal(causal)
-  _check_int("num_landmarks", num_landmarks, minimum=1)
-  _check_int("pinv_iterations", pinv_iterations, minimum=0)
+  check_not_causal("nystromformer", causal, _NOT_CAUSAL)
+  check_positive_int("nystromformer", "num_landmarks", num_landmarks, minimum=1)
+  check_positive_int("nystromformer", "pinv_iterations", pinv_iterations, minimum=0)
   masking.check_qkv("nystromformer", q, k, v, mask)
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"nystromformer: self-attention only; got q {q.shape}, k {k.shape}.")
@@ -216,10 +200,10 @@ class NystromformerAttention(MultiHeadAttention):
     conv_kernel_size: int = 0,
   ):
     # Fail when the model is built, not at the first traced step.
-    _check_int("num_landmarks", num_landmarks, minimum=1)
-    _check_int("pinv_iterations", pinv_iterations, minimum=0)
-    _check_int("conv_kernel_size", conv_kernel_size, minimum=0)
-    _check_not_causal(causal)
+    check_positive_int("nystromformer", "num_landmarks", num_landmarks, minimum=1)
+    check_positive_int("nystromformer", "pinv_iterations", pinv_iterations, minimum=0)
+    check_positive_int("nystromformer", "conv_kernel_size", conv_kernel_size, minimum=0)
+    check_not_causal("nystromformer", causal, _NOT_CAUSAL)
     super().__init__(
       in_features=in_features,
       num_heads=num_heads,
