@@ -26,19 +26,11 @@ from jax import lax
 
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_positive_int
 
 _F32 = jnp.float32
-
-
-def _pad_length(x: jax.Array, length: int) -> jax.Array:
-  extra = length - x.shape[1]
-  if not extra:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[1] = (0, extra)
-  return jnp.pad(x, widths)
 
 
 def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -61,7 +53,7 @@ def _causal_sums(phi_q, phi_k, v, chunk_size):
   total = -(-length // chunk) * chunk
   # Zero padding: padded keys have zero features (they add nothing), padded
   # query rows are cut off below.
-  qs, ks, vs = (_to_chunks(_pad_length(x, total), chunk) for x in (phi_q, phi_k, v))
+  qs, ks, vs = (_to_chunks(pad_to(x, total), chunk) for x in (phi_q, phi_k, v))
   below = jnp.tril(jnp.ones((chunk, chunk), bool))
   batch, _, heads, features = phi_q.shape
 

@@ -20,20 +20,11 @@ from flax import nnx
 
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_fits_sequence, check_positive_int
 
 _F32 = jnp.float32
-
-
-def pad_to(x: jax.Array, length: int) -> jax.Array:
-  """Zero-pads (False for bool) axis 1 of `x` up to `length`."""
-  extra = length - x.shape[1]
-  if not extra:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[1] = (0, extra)
-  return jnp.pad(x, widths)
 
 
 def to_blocks(x: jax.Array, block: int) -> jax.Array:

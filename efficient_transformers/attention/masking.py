@@ -71,3 +71,13 @@ def check_qkv(name: str, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     raise ValueError(f"{name}: incompatible q {q.shape}, k {k.shape}, v {v.shape}.")
   if mask is not None and (mask.ndim != 2 or mask.shape != k.shape[:2]):
     raise ValueError(f"{name}: mask must be [batch, kv_length] = {k.shape[:2]}; got {mask.shape}.")
+
+
+def pad_to(x: jax.Array, length: int) -> jax.Array:
+  """Zero-pads (False for bool) axis 1 of `x` up to `length`."""
+  extra = length - x.shape[1]
+  if not extra:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[1] = (0, extra)
+  return jnp.pad(x, widths)
