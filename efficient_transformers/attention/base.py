@@ -52,6 +52,7 @@ class MultiHeadAttention(nnx.Module):
     self.head_dim = head_dim
     self.causal = causal
     self.dtype = dtype
+    self.param_dtype = param_dtype
 
     def projection():
       return nnx.LinearGeneral(

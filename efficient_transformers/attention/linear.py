@@ -21,7 +21,6 @@ autodiff (the scan keeps one state per chunk), never L x L.
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax import lax
 
 from efficient_transformers.attention import masking
@@ -173,28 +172,12 @@ class LinearAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype | None = None,
-    param_dtype: jnp.dtype = jnp.float32,
     chunk_size: int = 64,
+    **common,
   ):
     # Fail when the model is built, not at the first traced step.
     check_positive_int("linear", "chunk_size", chunk_size)
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
+    super().__init__(**common)
     self.chunk_size = chunk_size
 
   def attend(self, q, k, v, *, mask, deterministic):

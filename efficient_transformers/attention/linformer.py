@@ -142,33 +142,18 @@ class LinformerAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype | None = None,
-    param_dtype: jnp.dtype = jnp.float32,
     max_length: int = 4096,
     k: int = 16,
     share_kv: bool = False,
     share_heads: bool = True,
+    **common,
   ):
     # Fail when the model is built, not at the first traced step.
     check_positive_int("linformer", "max_length", max_length)
     check_positive_int("linformer", "k", k)
-    check_not_causal("linformer", causal, _NOT_CAUSAL)
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
+    check_not_causal("linformer", common.get("causal", False), _NOT_CAUSAL)
+    super().__init__(**common)
+    rngs, param_dtype, num_heads = common["rngs"], self.param_dtype, self.num_heads
     self.max_length = max_length
     self.k = k
     self.share_kv = share_kv

@@ -16,7 +16,6 @@ stores only the blocked logits). No [L, L] array is built.
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
@@ -159,29 +158,13 @@ class LocalAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype | None = None,
-    param_dtype: jnp.dtype = jnp.float32,
     block_size: int = 64,
     num_neighbors: int = 1,
+    **common,
   ):
     # Fail when the model is built, not at the first traced step.
     _check_params(block_size, num_neighbors)
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
+    super().__init__(**common)
     self.block_size = block_size
     self.num_neighbors = num_neighbors
 

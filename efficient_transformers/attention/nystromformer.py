@@ -187,33 +187,18 @@ class NystromformerAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype | None = None,
-    param_dtype: jnp.dtype = jnp.float32,
     num_landmarks: int = 64,
     pinv_iterations: int = 6,
     conv_kernel_size: int = 0,
+    **common,
   ):
     # Fail when the model is built, not at the first traced step.
     check_positive_int("nystromformer", "num_landmarks", num_landmarks, minimum=1)
     check_positive_int("nystromformer", "pinv_iterations", pinv_iterations, minimum=0)
     check_positive_int("nystromformer", "conv_kernel_size", conv_kernel_size, minimum=0)
-    check_not_causal("nystromformer", causal, _NOT_CAUSAL)
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
+    check_not_causal("nystromformer", common.get("causal", False), _NOT_CAUSAL)
+    super().__init__(**common)
+    rngs, param_dtype, num_heads = common["rngs"], self.param_dtype, self.num_heads
     self.num_landmarks = num_landmarks
     self.pinv_iterations = pinv_iterations
     self.conv_kernel_size = conv_kernel_size

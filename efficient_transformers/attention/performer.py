@@ -55,8 +55,10 @@ RELU_EPSILON = 1e-3
 class RandomFeatures(nnx.Variable):
   """Performer's random projection [num_features, head_dim]: state, not a parameter.
 
-  Optimizers built with `wrt=nnx.Param` leave it alone; it is checkpointed
-  with the rest of the model state.
+  Optimizers built with `wrt=nnx.Param` leave it alone. The training system
+  checkpoints parameters only and rebuilds this draw from the model seed, so a
+  resumed run gets the same features; a `redraw_features` call made inside
+  your own training loop is yours to save.
   """
 
 
@@ -205,36 +207,20 @@ class PerformerAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype | None = None,
-    param_dtype: jnp.dtype = jnp.float32,
     num_features: int = 256,
     kernel: str = "softmax",
     orthogonal: bool = True,
     chunk_size: int = 64,
+    **common,
   ):
     # Fail when the model is built, not at the first traced step.
     _check(dict(num_features=num_features, chunk_size=chunk_size, kernel=kernel))
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
+    super().__init__(**common)
     self.num_features = num_features
     self.kernel = kernel
     self.orthogonal = bool(orthogonal)
     self.chunk_size = chunk_size
-    self.features = RandomFeatures(self._draw(rngs.params()))
+    self.features = RandomFeatures(self._draw(common["rngs"].params()))
 
   def _draw(self, key: jax.Array) -> jax.Array:
     return draw_random_features(key, self.num_features, self.head_dim, orthogonal=self.orthogonal)

@@ -32,7 +32,6 @@ logits.
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
@@ -250,31 +249,15 @@ class SparseAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype | None = None,
-    param_dtype: jnp.dtype = jnp.float32,
     pattern: str = "fixed",
     block_size: int = 50,
     num_summary: int = 1,
     stride: int | None = None,
+    **common,
   ):
     # Fail when the model is built, not at the first traced step.
     _check_params(pattern, block_size, num_summary, stride)
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
+    super().__init__(**common)
     self.pattern_name = pattern
     self.block_size = block_size
     self.num_summary = num_summary
