@@ -87,7 +87,8 @@ def output_and_grads_fn(fn, causal):
   @jax.jit
   def run(q, k, v, mask):
     out, vjp = jax.vjp(lambda *qkv: fn(*qkv, mask=mask, causal=causal), q, k, v)
-    weights = jax.random.normal(jax.random.key(7), out.shape[2:], out.dtype)
+    # Drawn in float32 then cast, so a bfloat16 run sees the float32 run's weights.
+    weights = jax.random.normal(jax.random.key(7), out.shape[2:]).astype(out.dtype)
     return out, vjp(jnp.broadcast_to(weights, out.shape))
 
   return run

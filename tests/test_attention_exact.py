@@ -18,6 +18,7 @@ from flax import nnx
 from efficient_transformers import attention
 from efficient_transformers.attention import dot_product as dot_product_lib
 from efficient_transformers.errors import ConfigError
+from tests import attention_reference as reference
 
 BATCH, LENGTH, HEADS, HEAD_DIM = 2, 37, 2, 8
 Q_CHUNK, K_CHUNK = 8, 6  # 37 = 4*8 + 5 = 6*6 + 1: several chunks, ragged last one
@@ -31,63 +32,17 @@ EXACT = {
 }
 
 
-def reference_attention(q, k, v, *, mask=None, causal=False):
-  """softmax(q k^T / sqrt(d)) v from the definition; empty and padded rows are 0."""
-  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  q_len, kv_len = q.shape[1], k.shape[1]
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-  keep = np.ones((1, 1, q_len, kv_len), bool)
-  if causal:
-    keep = keep & np.tril(np.ones((q_len, kv_len), bool))
-  if mask is not None:
-    keep = keep & mask[:, None, None, :]
-  logits = jnp.where(keep, logits, -jnp.inf)
-  row_max = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  # The inner where keeps exp's gradient finite at masked (-inf) entries.
-  e = jnp.where(keep, jnp.exp(jnp.where(keep, logits - row_max, 0.0)), 0.0)
-  denom = e.sum(axis=-1, keepdims=True)
-  weights = e / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-  if mask is not None and q_len == kv_len:
-    out = jnp.where(mask[:, :, None, None], out, 0.0)
-  return out
+reference_attention = reference.dense_attention
+_jitted_output_and_grads = reference.output_and_grads_fn
 
 
 def random_qkv(seed, q_len=LENGTH, kv_len=LENGTH, dtype=jnp.float32):
-  rng = np.random.default_rng(seed)
-  shape = lambda n: (BATCH, n, HEADS, HEAD_DIM)
-  q = rng.standard_normal(shape(q_len))
-  k = rng.standard_normal(shape(kv_len))
-  v = rng.standard_normal(shape(kv_len))
-  return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+  qkv = reference.random_qkv(seed, q_len, kv_len, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM)
+  return tuple(x.astype(dtype) for x in qkv)
 
 
 def make_mask(kind, length=LENGTH, seed=0):
-  if kind == "none":
-    return None
-  if kind == "right_padding":
-    lengths = np.array([length, length - 11])
-    return jnp.asarray(np.arange(length)[None, :] < lengths[:, None])
-  # Arbitrary holes, including a masked first key (empty causal rows).
-  mask = np.random.default_rng(seed).random((BATCH, length)) < 0.6
-  mask[:, 0] = False
-  mask[0, 5] = True
-  return jnp.asarray(mask)
-
-
-@functools.cache
-def _jitted_output_and_grads(fn, causal):
-  # Cached per (function, causal): jit then reuses compilations across tests
-  # with equal shapes (the mask is traced), which dominates this file's time.
-  weights = np.random.default_rng(7).standard_normal((HEADS, HEAD_DIM))
-
-  @jax.jit
-  def run(q, k, v, mask):
-    out, vjp = jax.vjp(lambda *qkv: fn(*qkv, mask=mask, causal=causal), q, k, v)
-    return out, vjp(jnp.broadcast_to(jnp.asarray(weights, out.dtype), out.shape))
-
-  return run
+  return reference.make_mask(kind, length, seed=seed)
 
 
 def output_and_grads(fn, q, k, v, *, mask=None, causal=False):
@@ -306,13 +261,7 @@ def test_invalid_chunk_size_raises(param, value):
     attention.memory_efficient_attention(q, k, v, **{param: value})
 
 
-def _train_temp_bytes(fn, length):
-  """Compiled temp memory of grad(sum(attention)) w.r.t. q, k, v; nothing runs."""
-  x = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
-  mask = jax.ShapeDtypeStruct((1, length), jnp.bool_)
-  loss = lambda q, k, v, m: fn(q, k, v, mask=m, causal=False).sum()
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, mask).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+_train_temp_bytes = reference.train_temp_bytes
 
 
 def test_memory_efficient_compiled_memory_is_linear():

@@ -17,6 +17,7 @@ from flax import nnx
 from efficient_transformers import attention
 from efficient_transformers.attention import linear as linear_lib
 from efficient_transformers.errors import ConfigError
+from tests import attention_reference as reference
 
 BATCH, LENGTH, HEADS, HEAD_DIM = 2, 40, 2, 8
 
@@ -41,37 +42,15 @@ def reference_linear_attention(q, k, v, *, mask=None, causal=False):
   return out
 
 
+_jitted_output_and_grads = reference.output_and_grads_fn
+
+
 def random_qkv(seed, q_len=LENGTH, kv_len=LENGTH):
-  rng = np.random.default_rng(seed)
-  shape = lambda n: (BATCH, n, HEADS, HEAD_DIM)
-  return tuple(
-    jnp.asarray(rng.standard_normal(s), jnp.float32)
-    for s in (shape(q_len), shape(kv_len), shape(kv_len))
-  )
+  return reference.random_qkv(seed, q_len, kv_len, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM)
 
 
 def make_mask(kind, length=LENGTH, seed=0):
-  if kind == "none":
-    return None
-  if kind == "right_padding":
-    return jnp.asarray(np.arange(length)[None, :] < np.array([[length], [length - 11]]))
-  # Arbitrary holes, including a masked first key (empty causal rows).
-  mask = np.random.default_rng(seed).random((BATCH, length)) < 0.6
-  mask[:, 0] = False
-  mask[0, 5] = True
-  return jnp.asarray(mask)
-
-
-@functools.cache
-def _jitted_output_and_grads(fn, causal):
-  weights = np.random.default_rng(7).standard_normal((HEADS, HEAD_DIM))
-
-  @jax.jit
-  def run(q, k, v, mask):
-    out, vjp = jax.vjp(lambda *qkv: fn(*qkv, mask=mask, causal=causal), q, k, v)
-    return out, vjp(jnp.broadcast_to(jnp.asarray(weights, out.dtype), out.shape))
-
-  return run
+  return reference.make_mask(kind, length, seed=seed)
 
 
 def output_and_grads(fn, q, k, v, *, mask=None, causal=False):
@@ -240,14 +219,7 @@ def test_make_unknown_kwarg_names_the_variant():
   assert "linear" in attention.available()
 
 
-@functools.cache
-def _train_temp_bytes(fn, length, causal):
-  """Compiled temp memory of grad(sum(attention)) w.r.t. q, k, v; nothing runs."""
-  x = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
-  mask = jax.ShapeDtypeStruct((1, length), jnp.bool_)
-  loss = lambda q, k, v, m: fn(q, k, v, mask=m, causal=causal).sum()
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, mask).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+_train_temp_bytes = reference.train_temp_bytes
 
 
 @pytest.mark.parametrize("causal", [False, True])

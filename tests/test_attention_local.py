@@ -19,6 +19,7 @@ from efficient_transformers.attention import registry
 from efficient_transformers.attention.local import local_attention, local_pattern
 from efficient_transformers.attention.softmax import softmax_attention
 from efficient_transformers.errors import ConfigError
+from tests import attention_reference as reference
 
 BATCH, LENGTH, HEADS, HEAD_DIM = 2, 37, 2, 8
 BLOCK = 8  # 37 = 4 * 8 + 5: a ragged last block
@@ -30,50 +31,18 @@ CONFIGS = {
 
 
 def pattern_reference(q, k, v, pattern, *, mask=None):
-  """Dense softmax attention restricted to `pattern` [q_len, kv_len]; empty/padded rows 0."""
-  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-  keep = jnp.asarray(pattern)[None, None]
-  if mask is not None:
-    keep = keep & mask[:, None, None, :]
-  row_max = jax.lax.stop_gradient(jnp.where(keep, logits, -jnp.inf).max(axis=-1, keepdims=True))
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  e = jnp.where(keep, jnp.exp(jnp.where(keep, logits - row_max, 0.0)), 0.0)
-  denom = e.sum(axis=-1, keepdims=True)
-  out = jnp.einsum("bhqk,bkhd->bqhd", e / jnp.where(denom > 0, denom, 1.0), v)
-  if mask is not None and q.shape[1] == k.shape[1]:
-    out = jnp.where(mask[:, :, None, None], out, 0.0)
-  return out
+  return reference.dense_attention(q, k, v, mask=mask, pattern=pattern)
 
 
 def random_qkv(seed, q_len=LENGTH, kv_len=LENGTH):
-  rng = np.random.default_rng(seed)
-  shapes = [(BATCH, n, HEADS, HEAD_DIM) for n in (q_len, kv_len, kv_len)]
-  return tuple(jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes)
+  return reference.random_qkv(seed, q_len, kv_len, batch=BATCH, heads=HEADS, head_dim=HEAD_DIM)
 
 
 def make_mask(kind, length=LENGTH, seed=0):
-  if kind == "none":
-    return None
-  if kind == "right_padding":
-    return jnp.asarray(np.arange(length)[None, :] < np.array([[length], [length - 11]]))
-  mask = np.random.default_rng(seed).random((BATCH, length)) < 0.6
-  mask[:, 0] = False  # an empty causal first row
-  mask[0, 5] = True
-  return jnp.asarray(mask)
+  return reference.make_mask(kind, length, seed=seed)
 
 
-@functools.cache
-def _runner(fn, causal):
-  """Jitted (output, grads of a weighted sum w.r.t. q, k, v); cached so tests share compiles."""
-  weights = np.random.default_rng(7).standard_normal((HEADS, HEAD_DIM))
-
-  @jax.jit
-  def run(q, k, v, mask):
-    out, vjp = jax.vjp(lambda *qkv: fn(*qkv, mask=mask, causal=causal), q, k, v)
-    return out, vjp(jnp.broadcast_to(jnp.asarray(weights, out.dtype), out.shape))
-
-  return run
+_runner = reference.output_and_grads_fn
 
 
 @functools.cache
@@ -188,12 +157,7 @@ def test_pattern_is_contiguous_blocks():
   np.testing.assert_array_equal(module.pattern(8), c)
 
 
-def _train_temp_bytes(fn, length):
-  x = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
-  mask = jax.ShapeDtypeStruct((1, length), jnp.bool_)
-  loss = lambda q, k, v, m: fn(q, k, v, mask=m, causal=False).sum()
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, mask).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+_train_temp_bytes = reference.train_temp_bytes
 
 
 def test_compiled_memory_is_subquadratic():

@@ -13,6 +13,7 @@ from efficient_transformers import attention
 from efficient_transformers.attention import nystromformer as nystromformer_lib
 from efficient_transformers.attention import softmax as softmax_lib
 from efficient_transformers.errors import ConfigError
+from tests import attention_reference as reference
 
 BATCH, LENGTH, HEADS, HEAD_DIM, FEATURES = 2, 32, 2, 8, 16
 
@@ -159,13 +160,7 @@ def test_module_shape_and_finite_param_grads():
   assert np.abs(np.asarray(g.conv_kernel.value)).sum() > 0
 
 
-def _train_temp_bytes(fn, length):
-  """Compiled temp memory of grad(sum(attention)) w.r.t. q, k, v; nothing runs."""
-  x = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
-  mask = jax.ShapeDtypeStruct((1, length), jnp.bool_)
-  loss = lambda q, k, v, m: fn(q, k, v, mask=m).sum()
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, mask).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+_train_temp_bytes = reference.train_temp_bytes
 
 
 def test_compiled_memory_is_subquadratic():

@@ -21,6 +21,7 @@ from efficient_transformers import attention
 from efficient_transformers.attention import performer as performer_lib
 from efficient_transformers.attention.softmax import softmax_attention
 from efficient_transformers.errors import ConfigError
+from tests import attention_reference as reference
 
 BATCH, LENGTH, HEADS, HEAD_DIM = 2, 37, 2, 8
 NUM_FEATURES = 24  # three orthogonal blocks of HEAD_DIM
@@ -268,15 +269,7 @@ def test_make_after_import():
     _build(redraw=True)
 
 
-@functools.cache
-def _train_temp_bytes(fn, length, causal):
-  """Compiled temp memory of grad(sum(attention)) w.r.t. q, k, v; nothing runs."""
-  x = jax.ShapeDtypeStruct((1, length, 1, 16), jnp.float32)
-  mask = jax.ShapeDtypeStruct((1, length), jnp.bool_)
-  loss = lambda q, k, v, m: fn(q, k, v, mask=m, causal=causal).sum()
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x, mask).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
-
+_train_temp_bytes = reference.train_temp_bytes
 
 _FEATURES_16 = performer_lib.draw_random_features(jax.random.key(0), 256, 16)
 
