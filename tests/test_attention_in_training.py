@@ -1,25 +1,29 @@
-"""Every registered attention trains inside the sharded train step (fake 8-device mesh)."""
+"""Every registered attention trains inside the sharded train step (fake 8-device mesh).
+
+The model and the attention kwargs are the ListOps smoke config's, as shipped
+(`configs/lra/listops.py:smoke,attention=NAME`); only the data set is cut down.
+"""
 
 import jax
 import numpy as np
 import pytest
 
+from configs.lra import listops as listops_config
 from efficient_transformers import attention
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.training import sharding, state
-from tests.helpers import SMALL_KWARGS, tiny_config
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("listops_tiny")
+  return tmp_path_factory.mktemp("listops_smoke_small")
 
 
 @pytest.mark.parametrize("name", attention.available())
-def test_variant_trains_in_the_sharded_step(name, data_dir):
-  config = tiny_config(data_dir, attention=name)
-  for key, value in SMALL_KWARGS.get(name, {}).items():
-    config.model.attention_kwargs[key] = value
+def test_smoke_config_trains_in_the_sharded_step(name, data_dir):
+  config = listops_config.get_config(f"smoke,attention={name}")
+  config.data_dir = str(data_dir)
+  config.data.num_train, config.data.num_val, config.data.num_test = 64, 8, 8
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   task = tasks.load(config)
   setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)

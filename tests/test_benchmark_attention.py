@@ -36,3 +36,22 @@ def test_benchmark_writes_ratios_against_softmax(tmp_path, capsys):
 def test_benchmark_rejects_unknown_attention(capsys):
   assert bench.main(["--attentions=nope", "--lengths=16"]) == 2
   assert "Unknown attention 'nope'" in capsys.readouterr().err
+
+
+def test_targets_table_marks_met_and_missed_targets():
+  rows = bench.with_ratios(
+    [
+      {"attention": "softmax", "length": 4096, "total_mib": 1000.0, "step_s": 2.0},
+      {"attention": "softmax", "length": 16384, "total_mib": 16000.0},
+      {"attention": "local", "length": 4096, "total_mib": 150.0, "step_s": 1.0},
+      {"attention": "local", "length": 16384, "total_mib": 600.0},
+      {"attention": "bigbird", "length": 4096, "total_mib": 350.0, "step_s": 3.0},
+      {"attention": "bigbird", "length": 16384, "total_mib": 2000.0},
+    ]
+  )
+  lines = {line.split(" | ")[0].strip("| "): line for line in bench.targets(rows).splitlines()}
+  assert lines["local"] == "| local | 0.150 (ok <= 0.2) | 0.50 (ok < 1) | 4.00 (ok <= 4.5) |"
+  assert lines["bigbird"] == (
+    "| bigbird | 0.350 (MISSED <= 0.3) | 1.50 (MISSED < 1) | 5.71 (MISSED <= 4.5) |"
+  )
+  assert lines["softmax"] == "| softmax | 1.000 | 1.00 | 16.00 |"  # No target for exact.

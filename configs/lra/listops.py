@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.kind = "classifier"
   c.model.attention = args["attention"]
-  c.model.attention_kwargs = config_lib.attention_defaults(args["attention"])
+  c.model.attention_kwargs = ml_collections.ConfigDict()  # Filled in below.
   c.model.num_layers = 4
   c.model.emb_dim = 512
   c.model.num_heads = 8
@@ -129,4 +129,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.schedule = "cosine"
     c.optimizer.warmup_steps = 40
     c.optimizer.weight_decay = 0.0
+  c.model.attention_kwargs = config_lib.attention_defaults(
+    args["attention"],
+    smoke=args["smoke"],
+    sequence_length=c.model.max_length + (c.model.pooling == "cls"),
+  )
   return config_lib.finalize(c)

@@ -16,29 +16,42 @@ from efficient_transformers.attention.registry import available, get_class, make
 # isort: split
 # Variant modules register themselves on import, so they come after the registry.
 from efficient_transformers.attention import (
+  bigbird,
   dot_product,
   linear,
   linformer,
   local,
+  longformer,
   memory_efficient,
   nystromformer,
   performer,
+  reformer,
+  sinkhorn,
   softmax,
   sparse,
+  synthesizer,
 )
+from efficient_transformers.attention.bigbird import bigbird_attention, bigbird_pattern
 from efficient_transformers.attention.dot_product import dot_product_attention
 from efficient_transformers.attention.linear import linear_attention
 from efficient_transformers.attention.linformer import linformer_attention
 from efficient_transformers.attention.local import local_attention, local_pattern
+from efficient_transformers.attention.longformer import longformer_attention, longformer_pattern
 from efficient_transformers.attention.memory_efficient import memory_efficient_attention
 from efficient_transformers.attention.nystromformer import nystromformer_attention
 from efficient_transformers.attention.performer import performer_attention
+from efficient_transformers.attention.reformer import reformer_attention
+from efficient_transformers.attention.sinkhorn import sinkhorn_attention, sinkhorn_pattern
 from efficient_transformers.attention.softmax import softmax_attention
 from efficient_transformers.attention.sparse import sparse_attention, sparse_pattern
+from efficient_transformers.attention.synthesizer import synthesizer_attention
 
 __all__ = [
   "MultiHeadAttention",
   "available",
+  "bigbird",
+  "bigbird_attention",
+  "bigbird_pattern",
   "dot_product",
   "dot_product_attention",
   "get_class",
@@ -49,6 +62,9 @@ __all__ = [
   "local",
   "local_attention",
   "local_pattern",
+  "longformer",
+  "longformer_attention",
+  "longformer_pattern",
   "make",
   "masking",
   "memory_efficient",
@@ -57,10 +73,17 @@ __all__ = [
   "nystromformer_attention",
   "performer",
   "performer_attention",
+  "reformer",
+  "reformer_attention",
   "register",
+  "sinkhorn",
+  "sinkhorn_attention",
+  "sinkhorn_pattern",
   "softmax",
   "softmax_attention",
   "sparse",
   "sparse_attention",
   "sparse_pattern",
+  "synthesizer",
+  "synthesizer_attention",
 ]

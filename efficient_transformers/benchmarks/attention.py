@@ -47,9 +47,22 @@ _MIB = 2**20
 BENCH_KWARGS = {
   "local": dict(block_size=64),
   "sparse": dict(block_size=50),
+  "bigbird": dict(block_size=64, num_random_blocks=3),
+  "reformer": dict(chunk_size=10, num_hashes=1, num_buckets=10),
+  "sinkhorn": dict(block_size=50),
   "linformer": dict(k=16),
   "performer": dict(kernel="relu", num_features=256),
 }
+
+# The attention issue's targets at L=4096 (memory as a fraction of softmax's) and the
+# largest memory growth from 4K to 16K; None = no target (exact or O(L^2) by definition).
+MEMORY_TARGET_AT_4K = {
+  **dict.fromkeys(
+    ("local", "longformer", "linformer", "performer", "linear", "sinkhorn", "nystromformer"), 0.2
+  ),
+  **dict.fromkeys(("bigbird", "sparse", "reformer"), 0.3),
+}
+GROWTH_TARGET_4K_TO_16K = 4.5
 
 
 def _variant_kwargs(name: str, length: int) -> dict:
@@ -156,6 +169,38 @@ def markdown(rows: list[dict], header: str) -> str:
   return "\n".join(lines)
 
 
+def targets(rows: list[dict]) -> str:
+  """A markdown table of each variant against the issue's targets at 4K (and 4K -> 16K)."""
+  cell = {(r["attention"], r["length"]): r for r in rows if "error" not in r}
+  names = [n for n in dict.fromkeys(r["attention"] for r in rows) if (n, 4096) in cell]
+  if not names:
+    return ""
+  lines = [
+    "| attention | memory vs softmax @4K (target) | time vs softmax @4K | memory 16K / 4K |",
+    "|---|---:|---:|---:|",
+  ]
+  for name in names:
+    at4 = cell[(name, 4096)]
+    mem, target = at4.get("memory_vs_softmax"), MEMORY_TARGET_AT_4K.get(name)
+    mem_text = "-" if mem is None else f"{mem:.3f}"
+    if mem is not None and target is not None:
+      mem_text += f" ({'ok' if mem <= target else 'MISSED'} <= {target})"
+    time_ratio = at4.get("time_vs_softmax")
+    time_text = "-" if time_ratio is None else f"{time_ratio:.2f}"
+    if time_ratio is not None and target is not None:
+      time_text += " (ok < 1)" if time_ratio < 1 else " (MISSED < 1)"
+    at16 = cell.get((name, 16384), {})
+    growth_text = "-"
+    if "total_mib" in at16 and "total_mib" in at4:
+      growth = at16["total_mib"] / at4["total_mib"]
+      growth_text = f"{growth:.2f}"
+      if target is not None:
+        ok = growth <= GROWTH_TARGET_4K_TO_16K
+        growth_text += f" ({'ok' if ok else 'MISSED'} <= {GROWTH_TARGET_4K_TO_16K})"
+    lines.append(f"| {name} | {mem_text} | {time_text} | {growth_text} |")
+  return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: str, title: str) -> bool:
   try:
     import matplotlib
@@ -244,6 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"time: median of {args.steps} steps, measured up to L={args.time_max_length}."
   )
   table = markdown(rows, header)
+  summary = targets(rows)
+  if summary:
+    table += "\n\nAgainst the targets (sub-quadratic variants):\n\n" + summary
   print(table)
   if args.out:
     os.makedirs(args.out, exist_ok=True)

@@ -50,22 +50,53 @@ def parse_arg(arg: str | None, defaults: Mapping[str, object], *, config_file: s
   return out
 
 
-def attention_defaults(name: str) -> ml_collections.ConfigDict:
+# Variant kwargs for the smoke configs' short sequences (~65 positions), where the
+# paper-scale defaults (blocks of 64) would make every structured variant one
+# dense block. The full configs keep each variant's own defaults.
+SMOKE_ATTENTION_KWARGS = {
+  "memory_efficient": dict(query_chunk_size=32, key_chunk_size=32),
+  "local": dict(block_size=16),
+  "sparse": dict(block_size=16),
+  "longformer": dict(window=8),
+  "bigbird": dict(block_size=8),
+  "reformer": dict(chunk_size=16, num_buckets=8),
+  "sinkhorn": dict(block_size=16),
+  "nystromformer": dict(num_landmarks=16),
+  "linformer": dict(k=16),
+  "performer": dict(num_features=64),
+}
+
+
+def attention_defaults(
+  name: str, *, smoke: bool = False, sequence_length: int | None = None
+) -> ml_collections.ConfigDict:
   """The declared keyword arguments of attention `name` with their defaults.
 
   Putting them in the config makes every variant kwarg overridable from the
   command line (`--config.model.attention_kwargs.KEY=VALUE`) and recorded in
   the run's config.
+
+  Args:
+    name: a registered attention name.
+    smoke: use SMOKE_ATTENTION_KWARGS for the variant's block sizes.
+    sequence_length: the positions the encoder attends over (tokens plus a CLS
+      token); sets the `max_length` of variants with learned length-sized
+      parameters (Linformer, Sinkhorn, Synthesizer).
   """
   from efficient_transformers import attention  # Registers every variant.
 
+  declared = attention.registry.variant_kwargs(name)
   kwargs = {}
-  for key, param in attention.registry.variant_kwargs(name).items():
+  for key, param in declared.items():
     if key in ("dtype", "param_dtype"):
       continue  # Set from config.model.dtype.
     if param.default is param.empty:
       raise ConfigError(f"attention {name!r} requires keyword {key!r}; set it in the config.")
     kwargs[key] = param.default
+  if smoke:
+    kwargs.update(SMOKE_ATTENTION_KWARGS.get(name, {}))
+  if sequence_length is not None and "max_length" in declared:
+    kwargs["max_length"] = sequence_length
   # Allow None-valued defaults to be overridden by a value of another type.
   return ml_collections.ConfigDict(kwargs, type_safe=False)
 

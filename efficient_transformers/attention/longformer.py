@@ -1,0 +1,302 @@
+"""Longformer attention: a sliding window plus global tokens, computed blockwise.
+
+Beltagy, Peters and Cohan, "Longformer: The Long-Document Transformer" (2020).
+Query i sees key j when |i - j| <= w (`window`, one-sided; causal:
+i - w <= j <= i), or when i or j is a global position (`global_positions`,
+default (0,): the encoder's CLS token). Global tokens attend to every key and
+every query attends to the global tokens, in the same softmax as its window
+keys; a global key inside the window is counted once. Causal: j <= i in both
+directions as well.
+
+As in the paper, the global rows (global tokens attending to everything) use
+separate projections q_g, k_g, v_g (`query_global`, `key_global`,
+`value_global` in the module); every query attending to the global keys uses
+the ordinary k, v.
+
+Computation, with g global positions: the sequence is cut into contiguous
+blocks of w tokens (a length that is not a multiple of w is padded internally;
+padded keys are masked and padded rows dropped); each query block meets its
+own and both neighboring blocks (causal: own and previous), masked exactly to
+|i - j| <= w, concatenated with the g gathered global keys (global keys are
+masked out of the window part, so none is counted twice). The g global rows
+are a separate dense pass over all keys, written over their rows. Cost per
+head: O(L (3w + g) d) + O(g L d) time and O(L (3w + g)) + O(g L) memory,
+forward and backward (plain autodiff keeps only these logits). No [L, L]
+array is built.
+
+The original LRA code emulated Longformer with a dense [L, L] mask (quadratic,
+a defect the memory tests rule out), shared one set of projections, and had
+no window size of its own: the default `window=64` is this library's choice.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient_transformers.attention import masking
+from efficient_transformers.attention.base import (
+  QKV_BIAS_AXES,
+  QKV_KERNEL_AXES,
+  MultiHeadAttention,
+)
+from efficient_transformers.attention.local import masked_softmax, neighbor_blocks, to_blocks
+from efficient_transformers.attention.masking import pad_to
+from efficient_transformers.attention.registry import register
+from efficient_transformers.attention.validation import check_fits_sequence, check_positive_int
+from efficient_transformers.errors import ConfigError
+from efficient_transformers.layers.partitioning import param_axes
+
+_F32 = jnp.float32
+_NAME = "longformer"
+
+
+def _global_tuple(global_positions) -> tuple[int, ...]:
+  """Validates `global_positions`; returns them sorted without duplicates."""
+  if isinstance(global_positions, int | np.integer) and not isinstance(global_positions, bool):
+    global_positions = (global_positions,)
+  ok = isinstance(global_positions, Sequence | np.ndarray) and not isinstance(global_positions, str)
+  values = list(global_positions) if ok else []
+  if not ok or any(
+    isinstance(p, bool) or not isinstance(p, int | np.integer) or p < 0 for p in values
+  ):
+    raise ConfigError(
+      f"attention {_NAME!r}: global_positions={global_positions!r} must be a tuple of "
+      "non-negative integers (config.model.attention_kwargs.global_positions)."
+    )
+  return tuple(sorted({int(p) for p in values}))
+
+
+def _check_params(window, global_positions) -> tuple[int, ...]:
+  check_positive_int(_NAME, "window", window)
+  return _global_tuple(global_positions)
+
+
+def _check_globals_fit(positions: tuple[int, ...], length: int) -> None:
+  if positions and positions[-1] >= length:
+    raise ConfigError(
+      f"attention {_NAME!r}: global_positions={positions} has positions >= the sequence "
+      f"length {length}; set config.model.attention_kwargs.global_positions below {length}."
+    )
+
+
+def longformer_pattern(
+  length: int, *, window: int, global_positions: Sequence[int], causal: bool
+) -> np.ndarray:
+  """The dense boolean pattern [length, length] that `longformer_attention` computes.
+
+  Query i may see key j when |i - j| <= window, or i or j is global; causal:
+  and j <= i. For tests and plots only: it is O(L^2).
+
+  Args:
+    length: sequence length L.
+    window: one-sided window w.
+    global_positions: positions of the global tokens.
+    causal: whether query i sees keys j <= i only.
+
+  Returns:
+    A numpy bool array [length, length], True = allowed.
+  """
+  i = np.arange(length)[:, None]
+  j = np.arange(length)[None, :]
+  is_global = np.zeros(length, bool)
+  is_global[[p for p in global_positions if p < length]] = True
+  allowed = (np.abs(i - j) <= window) | is_global[:, None] | is_global[None, :]
+  if causal:
+    allowed &= j <= i
+  return allowed
+
+
+def _global_rows(q_g, k_g, v_g, keep, positions, causal) -> jax.Array:
+  """Global queries (q_g at `positions`) over every key (k_g, v_g): [B, g, H, D]."""
+  qg = q_g[:, np.asarray(positions)]
+  logits = jnp.einsum("bghd,bkhd->bhgk", qg, k_g, preferred_element_type=_F32)
+  logits = logits * (q_g.shape[-1] ** -0.5)  # [B, H, g, L]
+  keep_rows = keep[:, None, None, :]
+  if causal:
+    keep_rows = keep_rows & (np.arange(k_g.shape[1])[None, :] <= np.asarray(positions)[:, None])
+  weights = masked_softmax(logits, keep_rows)
+  return jnp.einsum("bhgk,bkhd->bghd", weights.astype(v_g.dtype), v_g)
+
+
+def longformer_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  window: int = 64,
+  global_positions: Sequence[int] = (0,),
+  global_qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+  """Sliding-window attention plus global tokens (`longformer_pattern`), blockwise.
+
+  Self-attention only (q and k of the same length). A length that is not a
+  multiple of `window` is padded internally; the padded keys are masked and
+  the padded rows dropped. With `global_qkv=None` the global rows reuse q, k,
+  v and the result equals dense masked softmax under `longformer_pattern`.
+  Padded global positions (mask False) are ignored as keys and their rows are
+  zero.
+
+  Args:
+    q, k, v: [batch, length, heads, head_dim].
+    mask: [batch, length] bool, True = real token; or None.
+    causal: query i sees keys j <= i only (also for global rows and columns).
+    window: one-sided window w: query i sees keys with |i - j| <= w.
+    global_positions: positions of the global tokens (duplicates ignored).
+    global_qkv: optional (q_g, k_g, v_g), each [batch, length, heads,
+      head_dim], used for the global rows (global queries over all keys);
+      None reuses q, k, v.
+
+  Returns:
+    [batch, length, heads, head_dim] in q's dtype (softmax in float32). Rows
+    of padded queries and rows with no visible key are zeros.
+
+  Raises:
+    ConfigError: window not a positive integer or larger than the length;
+      global_positions not non-negative integers, or >= the length.
+    ValueError: shapes off the contract, or q and k of different lengths.
+  """
+  positions = _check_params(window, global_positions)
+  masking.check_qkv(_NAME, q, k, v, mask)
+  batch, length = q.shape[:2]
+  if k.shape[1] != length:
+    raise ValueError(f"{_NAME}: self-attention only; q length {length} != kv length {k.shape[1]}.")
+  if global_qkv is not None:
+    if len(global_qkv) != 3 or any(g.shape != q.shape for g in global_qkv):
+      raise ValueError(
+        f"{_NAME}: global_qkv must be (q_g, k_g, v_g) shaped like q {q.shape}; got "
+        f"{[getattr(g, 'shape', None) for g in global_qkv]}."
+      )
+  check_fits_sequence(_NAME, "window", window, length)
+  _check_globals_fit(positions, length)
+
+  w = window
+  num_blocks = -(-length // w)
+  n = min(1, num_blocks - 1)
+  offsets = range(-n, 1 if causal else n + 1)
+  padded = num_blocks * w
+  g = len(positions)
+  g_idx = np.asarray(positions, np.int32)
+
+  keep = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
+  keep_p = pad_to(keep, padded)
+  is_global = np.zeros(padded, bool)
+  is_global[g_idx] = True
+  # Global keys enter through the global columns below; not again in the window.
+  keep_window = keep_p & ~is_global[None, :]
+
+  # Window part: [B, H, nb, w, W] logits with W = len(offsets) * w.
+  qb = to_blocks(pad_to(q, padded), w)  # [B, nb, w, H, D]
+  kn, vn = (neighbor_blocks(to_blocks(pad_to(x, padded), w), offsets) for x in (k, v))
+  keep_n = neighbor_blocks(to_blocks(keep_window, w), offsets)  # [B, nb, W]
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kn, preferred_element_type=_F32) * scale
+  r = np.arange(w)[:, None]  # query position relative to its block's start
+  c = offsets[0] * w + np.arange(len(offsets) * w)[None, :]  # key position, same origin
+  band = (np.abs(r - c) <= w) & ((c <= r) if causal else True)  # [w, W], same for every block
+  keep_logits = keep_n[:, None, :, None, :] & band
+
+  if g:
+    # Global columns: every query against the g global keys (ordinary k, v).
+    kg, vg = k[:, g_idx], v[:, g_idx]  # [B, g, H, D]
+    g_logits = jnp.einsum("bqhd,bghd->bhqg", pad_to(q, padded), kg, preferred_element_type=_F32)
+    g_logits = (g_logits * scale).reshape(batch, q.shape[2], num_blocks, w, g)
+    g_keep = keep[:, g_idx][:, None, None, None, :]  # [B, 1, 1, 1, g]
+    if causal:
+      g_keep = g_keep & (g_idx[None, :] <= np.arange(padded)[:, None]).reshape(num_blocks, w, g)
+    logits = jnp.concatenate([logits, g_logits], axis=-1)
+    keep_logits = jnp.concatenate(
+      [
+        jnp.broadcast_to(keep_logits, (*keep_logits.shape[:4], keep_logits.shape[-1])),
+        jnp.broadcast_to(g_keep, (*keep_logits.shape[:4], g)),
+      ],
+      axis=-1,
+    )
+
+  weights = masked_softmax(logits, keep_logits).astype(v.dtype)
+  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., : kn.shape[2]], vn)
+  if g:
+    out = out + jnp.einsum("bhnqg,bghd->bnqhd", weights[..., kn.shape[2] :], vg)
+  out = out.reshape(batch, padded, *q.shape[2:])[:, :length]
+
+  if g:
+    q_g, k_g, v_g = (q, k, v) if global_qkv is None else global_qkv
+    rows = _global_rows(q_g, k_g, v_g, keep, positions, causal)
+    out = out.at[:, g_idx].set(rows.astype(out.dtype))
+  return masking.zero_padded_queries(out, mask).astype(q.dtype)
+
+
+@register(_NAME)
+class LongformerAttention(MultiHeadAttention):
+  """Multi-head Longformer attention with separate global projections.
+
+  See `longformer_attention`. Besides the base query/key/value/output
+  projections the module holds `query_global`, `key_global` and
+  `value_global`, used for the global rows. It therefore overrides
+  `__call__` (the base computes only q, k, v); `attend` is not used.
+
+  Variant kwargs:
+    window: one-sided sliding window w (default 64; LRA had no such size,
+      it used a dense mask).
+    global_positions: positions of the global tokens (default (0,), the
+      encoder's CLS token). Empty: a plain sliding window.
+  """
+
+  def __init__(self, *, window: int = 64, global_positions: Sequence[int] = (0,), **common):
+    # Fail when the model is built, not at the first traced step.
+    positions = _check_params(window, global_positions)
+    super().__init__(**common)
+    self.window = window
+    self.global_positions = positions
+
+    def projection():
+      return nnx.LinearGeneral(
+        self.in_features,
+        (self.num_heads, self.head_dim),
+        dtype=self.dtype,
+        param_dtype=common.get("param_dtype", jnp.float32),
+        kernel_metadata=param_axes(*QKV_KERNEL_AXES),
+        bias_metadata=param_axes(*QKV_BIAS_AXES),
+        rngs=common["rngs"],
+      )
+
+    self.query_global = projection()
+    self.key_global = projection()
+    self.value_global = projection()
+
+  def pattern(self, length: int) -> np.ndarray:
+    """The boolean self-attention pattern [length, length] this module computes."""
+    return longformer_pattern(
+      length, window=self.window, global_positions=self.global_positions, causal=self.causal
+    )
+
+  def attend(self, q, k, v, *, mask, deterministic):
+    """Not used: the global rows need the global projections of x (see `__call__`)."""
+    raise NotImplementedError(
+      "LongformerAttention computes its own projections in __call__; call the module on x."
+    )
+
+  def __call__(
+    self, x: jax.Array, *, mask: jax.Array | None = None, deterministic: bool = True
+  ) -> jax.Array:
+    """Self-attention over `x` [batch, length, in_features]; returns the same shape."""
+    q, k, v = self.query(x), self.key(x), self.value(x)
+    global_qkv = None
+    if self.global_positions:
+      global_qkv = (self.query_global(x), self.key_global(x), self.value_global(x))
+    out = longformer_attention(
+      q,
+      k,
+      v,
+      mask=mask,
+      causal=self.causal,
+      window=self.window,
+      global_positions=self.global_positions,
+      global_qkv=global_qkv,
+    )
+    out = self.dropout(out, deterministic=deterministic)
+    return self.out(out)
