@@ -49,6 +49,20 @@ def tiny_config(data_dir, *, attention: str = "softmax", steps: int = 6):
   return c
 
 
+def shrink(c, *, steps: int = 2):
+  """Any task config cut to seconds: 1 layer, width 16, 2 heads, batch 8, `steps` steps."""
+  c.model.num_layers = 1
+  c.model.emb_dim = c.model.qkv_dim = c.model.classifier_dim = 16
+  c.model.num_heads = 2
+  c.model.mlp_dim = 32
+  c.batch_size = 8
+  c.num_train_steps = steps
+  c.eval_every_steps = c.checkpoint_every_steps = steps
+  c.log_every_steps = 1
+  c.optimizer.warmup_steps = 1
+  return c
+
+
 TINY_FLAGS = [
   "--config.data.num_train=96",
   "--config.data.num_val=20",

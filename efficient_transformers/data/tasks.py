@@ -113,3 +113,34 @@ def _listops(config: ml_collections.ConfigDict, *, generate: bool) -> TaskData:
     num_classes=listops.NUM_CLASSES,
     splits=_LazySplits(read),
   )
+
+
+# The other LRA tasks live in their own modules, imported when used: they import this
+# one (TaskData), and TFDS is slow to import.
+@register("text")
+def _text(config: ml_collections.ConfigDict, *, generate: bool) -> TaskData:
+  from efficient_transformers.data import tfds_tasks
+
+  return tfds_tasks.load_text(config, generate=generate)
+
+
+@register("image")
+def _image(config: ml_collections.ConfigDict, *, generate: bool) -> TaskData:
+  from efficient_transformers.data import tfds_tasks
+
+  return tfds_tasks.load_image(config, generate=generate)
+
+
+@register("retrieval")
+def _retrieval(config: ml_collections.ConfigDict, *, generate: bool) -> TaskData:
+  from efficient_transformers.data import retrieval
+
+  return retrieval.load_task(config, generate=generate)
+
+
+@register("pathfinder")
+@register("pathx")
+def _pathfinder(config: ml_collections.ConfigDict, *, generate: bool) -> TaskData:
+  from efficient_transformers.data import pathfinder
+
+  return pathfinder.load_task(config, generate=generate)

@@ -101,6 +101,110 @@ def attention_defaults(
   return ml_collections.ConfigDict(kwargs, type_safe=False)
 
 
+# Logical axis -> mesh axes: the one table mapping the names the models use.
+SHARDING_RULES = (
+  # Data: the batch axis of inputs and activations.
+  ("batch", ("data", "fsdp")),
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  # Parameters: FSDP shards the embedding axis, tensor parallelism heads/MLP.
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("vocab", None),
+)
+
+
+def lra_base(*, task: str, attention: str, data_dir: str) -> ml_collections.ConfigDict:
+  """Every key an LRA task config has, set to the values the tasks share.
+
+  A task config (configs/lra/*.py) starts from this and sets what differs:
+  its data keys, model size, batch, steps and schedule. The defaults are the
+  original LRA code's ListOps/Text settings: Adam(0.9, 0.98, 1e-9) with weight
+  decay 0.1, learning rate 0.05 x linear warmup x rsqrt decay, dropout 0.1,
+  sinusoidal positions, CLS pooling.
+  """
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  c.data_dir = data_dir
+  c.batch_size = 32
+  c.num_train_steps = 5_000
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.max_checkpoints_to_keep = 3
+  c.num_eval_batches = -1  # -1 = the whole split.
+  c.init_from = ""  # A checkpoint directory to start from when the workdir has none.
+
+  c.data = ml_collections.ConfigDict()  # The task's own keys.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.kind = "classifier"  # classifier | dual_encoder
+  c.model.attention = attention
+  c.model.attention_kwargs = ml_collections.ConfigDict()  # Set by `finish`.
+  c.model.num_layers = 4
+  c.model.emb_dim = 512
+  c.model.num_heads = 8
+  c.model.qkv_dim = 512
+  c.model.mlp_dim = 1024
+  c.model.classifier_dim = 1024
+  c.model.dropout_rate = 0.1
+  c.model.attention_dropout_rate = 0.1
+  c.model.positional = "sinusoidal"  # sinusoidal | learned
+  c.model.pooling = "cls"  # cls | mean
+  c.model.max_length = 2_000
+  c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 0.05
+  c.optimizer.schedule = "rsqrt"  # rsqrt | cosine | constant
+  c.optimizer.warmup_steps = 1_000
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-9
+  c.optimizer.grad_clip_norm = 0.0  # 0 = no clipping.
+  c.optimizer.grad_accum_steps = 1  # Micro-batches per step (same global batch).
+
+  # Mesh axis sizes; -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.sharding_rules = SHARDING_RULES
+  return c
+
+
+def smoke_model(c: ml_collections.ConfigDict) -> None:
+  """The smoke configs' small model and optimizer: minutes on a laptop CPU."""
+  c.model.num_layers = 2
+  c.model.emb_dim = 64
+  c.model.num_heads = 4
+  c.model.qkv_dim = 64
+  c.model.mlp_dim = 128
+  c.model.classifier_dim = 128
+  c.model.dropout_rate = 0.0
+  c.model.attention_dropout_rate = 0.0
+  c.batch_size = 32
+  c.log_every_steps = 50
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.schedule = "cosine"
+  c.optimizer.weight_decay = 0.0
+
+
+def finish(c: ml_collections.ConfigDict, *, smoke: bool) -> ml_collections.ConfigDict:
+  """Fills in the attention's kwargs for the final model size, then locks the config."""
+  c.model.attention_kwargs = attention_defaults(
+    c.model.attention,
+    smoke=smoke,
+    sequence_length=c.model.max_length + (c.model.pooling == "cls"),
+  )
+  return finalize(c)
+
+
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Locks the config: setting a key it does not have is an error."""
   config.lock()

@@ -24,6 +24,9 @@ from efficient_transformers.training import checkpointing, sharding, state
 from efficient_transformers.training.evaluation import evaluate, model_fingerprint
 from efficient_transformers.training.metrics import MetricWriter
 
+# config.data keys that change how data is read, not which batches are made.
+_READ_ONLY_DATA_KEYS = ("num_workers", "cache")
+
 
 class NonFiniteLossError(UserError, RuntimeError):
   """The training loss became NaN or Inf (a hyperparameter or data problem)."""
@@ -196,7 +199,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     "seed": config.seed,
     "batch_size": config.batch_size,
     "process_count": process_count,
-    "data": config.data.to_dict(),
+    # How the data is read (workers, caching) does not change the batches.
+    "data": {k: v for k, v in config.data.to_dict().items() if k not in _READ_ONLY_DATA_KEYS},
   }
   if ckpt.latest_step() is not None:
     step, train_state, data_state = ckpt.restore(setup.abstract_state, which="latest")

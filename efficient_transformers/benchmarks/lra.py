@@ -1,0 +1,757 @@
+r"""The Long Range Arena suite: a grid of tasks x attentions, trained, tested and tabulated.
+
+Each cell trains `configs/lra/<task>.py` with `attention=NAME` in
+`WORKDIR/<task>/<attention>/` through `train_and_evaluate`, then evaluates the
+test split with the best-validation checkpoint (`results.json`). The runner
+adds a record per cell (`cell.json`: test accuracy, best validation accuracy
+and its step, median training steps/s, peak compiled memory of the train step,
+wall time, device) and writes, in WORKDIR, `results.md` and `results.csv` in
+the form of LRA's Table 1 with the published figure beside each cell,
+`results_cells.csv` (one row per cell) and `results_plot.png` (average
+accuracy against steps/s, bubble area = memory).
+
+    python -m efficient_transformers.benchmarks.lra --tasks=listops,text \
+        --attentions=softmax,performer --workdir=lra_runs [--smoke]
+    python -m efficient_transformers.benchmarks.lra ... --config_overrides num_train_steps=50 \
+        local:model.attention_kwargs.block_size=32
+    python -m efficient_transformers.benchmarks.lra ... --print_commands   # one job per cell
+    python -m efficient_transformers.benchmarks.lra ... --cell=listops:softmax
+    python -m efficient_transformers.benchmarks.lra --workdir=lra_runs --report_only
+
+Rerunning a command continues its grid: finished cells are skipped, a cell
+whose training stopped resumes from its latest checkpoint, and failed cells
+(`failed.json`, shown in the table) are retried. A failing cell never stops the
+grid. `--config_overrides KEY=VALUE` applies to every cell, `NAME:KEY=VALUE`
+only to the cells of task or attention NAME; values are parsed by the type of
+the key's current value, as `--config.KEY=VALUE` flags are.
+"""
+
+import argparse
+import ast
+import csv
+import dataclasses
+import gc
+import importlib.util
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+
+from efficient_transformers import attention
+from efficient_transformers.errors import ConfigError, UserError
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_DIR = os.path.join(_REPO, "configs", "lra")
+# LRA's order; Table 1's average is over the first five (every model FAILed Path-X).
+TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+AVERAGED_TASKS = TASKS[:5]
+TASK_TITLES = {
+  "listops": "ListOps",
+  "text": "Text",
+  "retrieval": "Retrieval",
+  "image": "Image",
+  "pathfinder": "Pathfinder",
+  "pathx": "Path-X",
+}
+
+# LRA Table 1 (Tay et al. 2020; /work/shared/LRA_REFERENCE.md), test accuracy in %,
+# in TASKS order; None = FAIL.
+PUBLISHED = {
+  "Transformer": (36.37, 64.27, 57.46, 42.44, 71.40, None),
+  "Local Attention": (15.82, 52.98, 53.39, 41.46, 66.63, None),
+  "Sparse Trans.": (17.07, 63.58, 59.59, 44.24, 71.71, None),
+  "Longformer": (35.63, 62.85, 56.89, 42.22, 69.71, None),
+  "Linformer": (35.70, 53.94, 52.27, 38.56, 76.34, None),
+  "Reformer": (37.27, 56.10, 53.40, 38.07, 68.50, None),
+  "Sinkhorn Trans.": (33.67, 61.20, 53.83, 41.23, 67.45, None),
+  "Synthesizer": (36.99, 61.68, 54.67, 41.61, 69.45, None),
+  "BigBird": (36.05, 64.02, 59.29, 40.83, 74.87, None),
+  "Linear Trans.": (16.13, 65.90, 53.09, 42.34, 75.30, None),
+  "Performer": (18.01, 65.40, 53.82, 42.77, 77.05, None),
+}
+# Our attention names -> LRA's model names; the exact variants compute Transformer's attention.
+LRA_NAMES = {
+  "softmax": "Transformer",
+  "dot_product": "Transformer",
+  "memory_efficient": "Transformer",
+  "local": "Local Attention",
+  "sparse": "Sparse Trans.",
+  "longformer": "Longformer",
+  "linformer": "Linformer",
+  "reformer": "Reformer",
+  "sinkhorn": "Sinkhorn Trans.",
+  "synthesizer": "Synthesizer",
+  "bigbird": "BigBird",
+  "linear": "Linear Trans.",
+  "performer": "Performer",
+}
+_MIB = 2**20
+
+
+def published(attention_name: str, task: str) -> float | None:
+  """LRA's Table 1 test accuracy (%) for our attention on `task`; None if there is none."""
+  row = PUBLISHED.get(LRA_NAMES.get(attention_name, ""))
+  return row[TASKS.index(task)] if row and task in TASKS else None
+
+
+class _Stopped(Exception):
+  """Training returned before its last step (a preemption signal): stop the grid."""
+
+
+# ---------------------------------------------------------------- Tasks, configs, overrides.
+
+
+def available_tasks() -> list[str]:
+  """Tasks with a config file in configs/lra, in LRA's order (others after, sorted)."""
+  files = {f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f != "__init__.py"}
+  return [t for t in TASKS if t in files] + sorted(files - set(TASKS))
+
+
+def _names(text: str, valid: Sequence[str], what: str) -> list[str]:
+  names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+  unknown = [n for n in names if n not in valid]
+  if unknown or not names:
+    raise ConfigError(
+      f"Unknown {what} {', '.join(map(repr, unknown)) or '(none given)'}; "
+      f"valid: {', '.join(valid)}."
+    )
+  return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Override:
+  """`[scope:]key=value`: set config `key` (dotted) in the cells of task or attention `scope`."""
+
+  scope: str | None
+  key: str
+  value: str
+
+  def __str__(self) -> str:
+    return f"{self.scope + ':' if self.scope else ''}{self.key}={self.value}"
+
+
+def parse_overrides(items: Sequence[str], scopes: Sequence[str]) -> list[Override]:
+  """Parses `KEY=VALUE` / `NAME:KEY=VALUE` items; NAME must be in `scopes`."""
+  out = []
+  for item in items:
+    lhs, sep, value = item.partition("=")
+    scope, colon, key = lhs.rpartition(":")
+    if not sep or not key.strip():
+      raise ConfigError(f"--config_overrides {item!r}: write KEY=VALUE or NAME:KEY=VALUE.")
+    if colon and scope not in scopes:
+      raise ConfigError(
+        f"--config_overrides {item!r}: {scope!r} is neither a task nor an attention; "
+        f"valid: {', '.join(scopes)}."
+      )
+    out.append(Override(scope or None, key.strip(), value))
+  return out
+
+
+def _parse_value(text: str, current, where: str):
+  """`text` as the type of `current`, like ml_collections' `--config.KEY=VALUE`."""
+  try:
+    if isinstance(current, bool):
+      if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError
+      return text.lower() in ("true", "1")
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    if isinstance(current, (tuple, list)):
+      value = ast.literal_eval(text)
+      if not isinstance(value, (tuple, list)):
+        raise ValueError
+      return type(current)(value)
+  except (ValueError, SyntaxError):
+    raise ConfigError(
+      f"--config_overrides {where}: {text!r} is not of type {type(current).__name__} "
+      f"(the type of the current value {current!r})."
+    ) from None
+  try:  # None or another type: a Python literal, else the string itself.
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_override(config: ml_collections.ConfigDict, override: Override) -> None:
+  """Sets `override.key` in `config`; an unknown key is a ConfigError listing the valid ones."""
+  *path, leaf = override.key.split(".")
+  node = config
+  for depth, key in enumerate([*path, leaf]):
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node.keys():
+      where = "config" + "".join(f".{k}" for k in override.key.split(".")[:depth])
+      valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+      hint = ""
+      if override.key.startswith("model.attention_kwargs.") and not override.scope:
+        hint = (
+          f" The keys there are attention {config.model.attention!r}'s; scope the override to "
+          "one attention: NAME:model.attention_kwargs.KEY=VALUE."
+        )
+      raise ConfigError(
+        f"--config_overrides {override}: {where} has no {key!r} "
+        f"(cell {config.task}:{config.model.attention}). Valid: {valid or '(none)'}.{hint}"
+      )
+    if depth < len(path):
+      node = node[key]
+  node[leaf] = _parse_value(override.value, node[leaf], str(override))
+
+
+def load_task_config(task: str, arg: str) -> ml_collections.ConfigDict:
+  """`configs/lra/<task>.py`'s `get_config(arg)`."""
+  path = os.path.join(CONFIG_DIR, f"{task}.py")
+  spec = importlib.util.spec_from_file_location(f"_lra_config_{task}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def cell_config(
+  task: str, attention_name: str, *, smoke: bool, overrides: Sequence[Override] = ()
+) -> ml_collections.ConfigDict:
+  """The config of cell (task, attention): the task's config with its overrides applied."""
+  arg = ",".join(["smoke"] * smoke + [f"attention={attention_name}"])
+  config = load_task_config(task, arg)
+  for o in overrides:
+    if o.scope in (None, task, attention_name):
+      apply_override(config, o)
+  return config
+
+
+# ---------------------------------------------------------------- What a cell's workdir holds.
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_json(path: str, obj: dict) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)  # Atomic: parallel jobs and kills never leave half a file.
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The records of `workdir/metrics.jsonl` (a torn last line from a kill is dropped)."""
+  records = []
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except ValueError:
+          continue
+  except OSError:
+    pass
+  return records
+
+
+def _trained_to_end(workdir: str, num_train_steps: int) -> bool:
+  # The loop evaluates (and saves) at its last step, and only then.
+  return any(
+    r.get("split") == "validation" and r.get("step") == num_train_steps
+    for r in read_metrics(workdir)
+  )
+
+
+def _fresh_test_results(workdir: str) -> dict | None:
+  """results.json if it is the best checkpoint's test evaluation, made after the last training."""
+  path = os.path.join(workdir, "results.json")
+  results = _read_json(path)
+  if not results or results.get("checkpoint") != "best" or "test" not in results:
+    return None
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics) and os.path.getmtime(path) < os.path.getmtime(metrics):
+    return None  # Evaluated before training went on.
+  return results
+
+
+def median_steps_per_sec(records: list[dict]) -> float | None:
+  """Median training steps/s over the logged intervals after the first (compilation warm-up)."""
+  rates = [
+    r["steps_per_sec"] for r in records if r.get("split") == "train" and "steps_per_sec" in r
+  ]
+  rates = rates[1:] or rates
+  return statistics.median(rates) if rates else None
+
+
+def compiled_train_memory(config: ml_collections.ConfigDict) -> dict:
+  """XLA's memory analysis of the cell's compiled train step, per device, in MiB.
+
+  train_lib logs it but saves it nowhere, so the step is compiled again here.
+  `memory_mib` is temporaries + arguments (what the attention benchmark
+  reports); `xla_peak_mib` is XLA's own peak estimate, kept apart because the
+  CPU backend reports less than the temporaries there.
+  """
+  from efficient_transformers.data import tasks
+  from efficient_transformers.training import state
+
+  task = tasks.load(config, generate=False)
+  setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
+  compiled = setup.compile_train_step(
+    setup.batch_spec(task.splits["train"], config.batch_size),
+    seed=config.seed,
+    grad_accum_steps=config.optimizer.grad_accum_steps,
+  )
+  out = {"num_params": setup.num_params}
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    temp, args = mem.temp_size_in_bytes / _MIB, mem.argument_size_in_bytes / _MIB
+    peak = getattr(mem, "peak_memory_in_bytes", 0) / _MIB
+    out.update(memory_mib=temp + args, temp_mib=temp, argument_mib=args, xla_peak_mib=peak)
+  return out
+
+
+def _device() -> dict:
+  return {
+    "device_kind": jax.devices()[0].device_kind,
+    "platform": jax.default_backend(),
+    "num_devices": jax.device_count(),
+  }
+
+
+# ---------------------------------------------------------------- Running one cell.
+
+
+def _log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+def _attempts_wall_s(workdir: str) -> float:
+  return sum(r.get("wall_s", 0.0) for r in _jsonl(os.path.join(workdir, "attempts.jsonl")))
+
+
+def _jsonl(path: str) -> list[dict]:
+  try:
+    with open(path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+  except (OSError, ValueError):
+    return []
+
+
+def run_cell(
+  task: str, attention_name: str, root: str, *, smoke: bool, overrides: Sequence[Override]
+) -> dict:
+  """Trains, tests and records one cell (skipped when finished); returns its record.
+
+  Any exception is recorded in `failed.json` and returned as a failed record;
+  only a preemption signal during training (`_Stopped`) or Ctrl-C outside it
+  ends the grid.
+  """
+  workdir = os.path.join(root, task, attention_name)
+  cell = f"{task}:{attention_name}"
+  failed_path = os.path.join(workdir, "failed.json")
+  record_path = os.path.join(workdir, "cell.json")
+  main_process = jax.process_index() == 0
+  t0, outcome, wall_s = time.perf_counter(), "interrupted", None
+  try:
+    config = cell_config(task, attention_name, smoke=smoke, overrides=overrides)
+    trained = _trained_to_end(workdir, config.num_train_steps)
+    record = _read_json(record_path)
+    if trained and record and _fresh_test_results(workdir):
+      _log(f"{cell}: finished before, skipped (test accuracy {record['test_accuracy']:.4f}).")
+      outcome = "skipped"
+      return record
+    previous = _read_json(failed_path)
+    if previous:
+      _log(f"{cell}: failed before ({previous.get('error', '?')}); retrying.")
+    if not trained:
+      _log(f"{cell}: training in {workdir} (resumes from its latest checkpoint if any).")
+      from efficient_transformers.training import train_and_evaluate
+
+      train_and_evaluate(config, workdir)
+      if not _trained_to_end(workdir, config.num_train_steps):
+        outcome = "stopped"
+        raise _Stopped(f"{cell}: training stopped before step {config.num_train_steps}.")
+    from efficient_transformers.training import eval_lib
+
+    results = _fresh_test_results(workdir) or eval_lib.evaluate_checkpoint(
+      config, workdir, which="best", split="test"
+    )
+    wall_s = time.perf_counter() - t0
+    records = read_metrics(workdir)
+    best_val = [
+      r for r in records if r.get("split") == "validation" and r.get("step") == results["step"]
+    ]
+    record = {
+      "task": task,
+      "attention": attention_name,
+      "status": "finished",
+      "test_accuracy": results["test"]["accuracy"],
+      "test_loss": results["test"]["loss"],
+      "best_step": results["step"],
+      "best_val_accuracy": best_val[-1]["accuracy"] if best_val else None,
+      "num_train_steps": config.num_train_steps,
+      "steps_per_sec": median_steps_per_sec(records),
+      **compiled_train_memory(config),
+      "wall_s": _attempts_wall_s(workdir) + wall_s,
+      **{k: results.get(k, v) for k, v in _device().items()},
+      "jax_version": jax.__version__,
+    }
+    outcome = "finished"
+    if main_process:
+      _write_json(record_path, record)
+      if os.path.exists(failed_path):
+        os.remove(failed_path)
+    _log(f"{cell}: test accuracy {record['test_accuracy']:.4f} (best step {record['best_step']}).")
+    return record
+  except _Stopped:
+    raise
+  except Exception as e:  # noqa: BLE001 - one cell's failure must not end the grid.
+    outcome = "failed"
+    message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+    message = message.strip() or type(e).__name__
+    failure = {"task": task, "attention": attention_name, "status": "failed", "error": message}
+    if not isinstance(e, UserError):
+      failure["traceback"] = traceback.format_exc()
+      _log(failure["traceback"])
+    if main_process:
+      os.makedirs(workdir, exist_ok=True)
+      _write_json(failed_path, {**failure, **_device(), "time": time.time()})
+    _log(f"{cell}: FAILED: {message} (recorded in {failed_path}; a rerun retries it).")
+    return failure
+  finally:
+    if main_process and outcome != "skipped" and os.path.isdir(workdir):
+      # The memory probe's compilation is not part of the cell's cost.
+      wall_s = time.perf_counter() - t0 if wall_s is None else wall_s
+      with open(os.path.join(workdir, "attempts.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.time(), "wall_s": wall_s, "outcome": outcome}) + "\n")
+
+
+# ---------------------------------------------------------------- Report.
+
+
+def collect(root: str, tasks: Sequence[str] = (), attentions: Sequence[str] = ()) -> list[dict]:
+  """Every cell under `root` (finished, failed or pending) plus the grid `tasks` x `attentions`."""
+  found = {}
+  if os.path.isdir(root):
+    for task in sorted(os.listdir(root)):
+      if not os.path.isdir(os.path.join(root, task)):
+        continue
+      for name in sorted(os.listdir(os.path.join(root, task))):
+        workdir = os.path.join(root, task, name)
+        record = _read_json(os.path.join(workdir, "cell.json"))
+        if record is None or not _fresh_test_results(workdir):
+          record = _read_json(os.path.join(workdir, "failed.json"))
+        if record is not None:
+          found[(task, name)] = record
+  for task in tasks:
+    for name in attentions:
+      found.setdefault((task, name), {"task": task, "attention": name, "status": "pending"})
+  task_rank = {t: i for i, t in enumerate(dict.fromkeys([*tasks, *TASKS]))}
+  att_order = dict.fromkeys([*attentions, *LRA_NAMES, *attention.available()])  # LRA's rows.
+  att_rank = {a: i for i, a in enumerate(att_order)}
+  return sorted(
+    found.values(),
+    key=lambda r: (
+      att_rank.get(r["attention"], len(att_rank)),
+      r["attention"],
+      task_rank.get(r["task"], len(task_rank)),
+      r["task"],
+    ),
+  )
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def table1_rows(cells: list[dict]) -> tuple[list[str], list[dict]]:
+  """(tasks, one row per attention) in Table 1 form: accuracy % per task and the average."""
+  tasks = list(dict.fromkeys(c["task"] for c in sorted(cells, key=lambda c: _task_key(c["task"]))))
+  rows = []
+  for name in dict.fromkeys(c["attention"] for c in cells):
+    mine = {c["task"]: c for c in cells if c["attention"] == name}
+    row = {"attention": name, "lra_name": LRA_NAMES.get(name, "-"), "cells": mine}
+    done = [t for t in tasks if mine.get(t, {}).get("status") == "finished"]
+    averaged = [t for t in done if t in AVERAGED_TASKS] or [t for t in done if t == "pathx"]
+    row["avg"] = _mean([mine[t]["test_accuracy"] * 100 for t in averaged])
+    pub = [published(name, t) for t in averaged]
+    row["avg_published"] = None if None in pub else _mean(pub)
+    row["avg_tasks"] = len(averaged)
+    row["avg_of"] = len([t for t in tasks if t in AVERAGED_TASKS] or tasks)
+    row["steps_per_sec"] = _mean(
+      [mine[t]["steps_per_sec"] for t in done if mine[t].get("steps_per_sec")]
+    )
+    row["memory_mib"] = _mean([mine[t]["memory_mib"] for t in done if mine[t].get("memory_mib")])
+    rows.append(row)
+  return tasks, rows
+
+
+def _task_key(task: str) -> tuple:
+  return (TASKS.index(task) if task in TASKS else len(TASKS), task)
+
+
+def _mean(values: list) -> float | None:
+  return statistics.fmean(values) if values else None
+
+
+def _cell_text(cell: dict | None, pub: float | None) -> str:
+  status = (cell or {}).get("status", "pending")
+  if status == "finished":
+    ours = f"{cell['test_accuracy'] * 100:.2f}"
+  else:
+    ours = "FAILED" if status == "failed" else "not run"
+  return f"{ours} ({_fmt(pub)})"
+
+
+def _short(text: str, limit: int = 300) -> str:
+  """The first line of an error, cut to `limit` characters (failed.json keeps it whole)."""
+  line = text.strip().split("\n")[0]
+  return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _md_escape(text: str) -> str:
+  return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _devices_text(cells: list[dict]) -> str:
+  kinds = {
+    f"{c['device_kind']} ({c.get('platform', '?')}, {c.get('num_devices', '?')} device(s))"
+    for c in cells
+    if c.get("status") == "finished" and "device_kind" in c
+  }
+  return "; ".join(sorted(kinds)) or "-"
+
+
+def markdown(cells: list[dict]) -> str:
+  """results.md: Table 1 form, then one line per cell (steps/s, memory, errors)."""
+  tasks, rows = table1_rows(cells)
+  lines = [
+    "# Long Range Arena results",
+    "",
+    f"Device: {_devices_text(cells)}.",
+    "",
+    "Test accuracy (%) with the best-validation checkpoint; in parentheses LRA's published "
+    "figure (Tay et al. 2020, Table 1) for the matching model ('-': none, e.g. Path-X FAIL). "
+    "Avg: mean over the finished tasks (Path-X excluded, as in LRA); its published figure is "
+    "the mean over the same tasks. FAILED cells are retried by rerunning the command.",
+    "",
+    "| Attention | LRA model | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " | Avg |",
+    "|---|---|" + "---:|" * (len(tasks) + 1),
+  ]
+  for row in rows:
+    cells_text = [_cell_text(row["cells"].get(t), published(row["attention"], t)) for t in tasks]
+    avg = "-"
+    if row["avg"] is not None:
+      avg = f"{row['avg']:.2f} ({_fmt(row['avg_published'])})"
+      if row["avg_tasks"] < row["avg_of"]:
+        avg += f" [{row['avg_tasks']}/{row['avg_of']} tasks]"
+    lines.append(
+      f"| {row['attention']} | {row['lra_name']} | " + " | ".join(cells_text) + f" | {avg} |"
+    )
+  lines += [
+    "",
+    "## Cells",
+    "",
+    "Steps/s: median over the logged training intervals after the first. Memory: XLA's "
+    "compiled train step per device, temporaries + arguments. Wall: all attempts, training "
+    "and test evaluation.",
+    "",
+    "| Task | Attention | Status | Test acc | Best val acc @ step | Steps/s | Memory MiB | "
+    "Wall s | Device | Error |",
+    "|---|---|---|---:|---:|---:|---:|---:|---|---|",
+  ]
+  for c in sorted(cells, key=lambda c: _task_key(c["task"])):  # Stable: attentions as given.
+    best = "-"
+    if c.get("best_val_accuracy") is not None:
+      best = f"{c['best_val_accuracy'] * 100:.2f} @ {c['best_step']}"
+    test = c.get("test_accuracy")
+    lines.append(
+      f"| {c['task']} | {c['attention']} | {c['status']} | "
+      f"{_fmt(test and test * 100)} | {best} | {_fmt(c.get('steps_per_sec'))} | "
+      f"{_fmt(c.get('memory_mib'), '.1f')} | {_fmt(c.get('wall_s'), '.0f')} | "
+      f"{_md_escape(c.get('device_kind', '-'))} | {_md_escape(_short(c.get('error', '')))} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+CELL_KEYS = (
+  "task", "attention", "status", "test_accuracy", "test_loss", "best_val_accuracy", "best_step",
+  "num_train_steps", "steps_per_sec", "memory_mib", "temp_mib", "argument_mib", "xla_peak_mib",
+  "num_params", "wall_s", "device_kind", "platform", "num_devices", "error",
+)  # fmt: skip
+
+
+def write_csvs(cells: list[dict], root: str) -> None:
+  """results.csv (Table 1 form; FAILED / empty for a failed / missing cell), results_cells.csv."""
+  tasks, rows = table1_rows(cells)
+  keys = ["attention", "lra_name"]
+  for t in tasks:
+    keys += [t, f"{t}_published"]
+  keys += ["avg", "avg_published", "avg_num_tasks", "steps_per_sec", "memory_mib"]
+  with open(os.path.join(root, "results.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=keys)
+    writer.writeheader()
+    for row in rows:
+      out = {k: row.get(k) for k in ("attention", "lra_name", "avg", "avg_published")}
+      out.update(avg_num_tasks=row["avg_tasks"], steps_per_sec=row["steps_per_sec"])
+      out["memory_mib"] = row["memory_mib"]
+      for t in tasks:
+        c = row["cells"].get(t, {})
+        status = c.get("status")
+        out[t] = (
+          c["test_accuracy"] * 100 if status == "finished" else {"failed": "FAILED"}.get(status)
+        )
+        out[f"{t}_published"] = published(row["attention"], t)
+      writer.writerow({k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in out.items()})
+  with open(os.path.join(root, "results_cells.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=CELL_KEYS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(cells)
+
+
+def plot(cells: list[dict], path: str) -> bool:
+  """LRA's Figure-3 style: average accuracy against steps/s, bubble area = peak memory."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    _log("matplotlib is not installed; skipping the plot.")
+    return False
+  _, rows = table1_rows(cells)
+  rows = [r for r in rows if r["avg"] is not None and r["steps_per_sec"]]
+  fig, ax = plt.subplots(figsize=(7, 5))
+  largest = max((r["memory_mib"] or 0 for r in rows), default=0) or 1
+  for r in rows:
+    size = 200 + 2000 * (r["memory_mib"] or 0) / largest
+    ax.scatter(r["steps_per_sec"], r["avg"], s=size, alpha=0.5)
+    label = f"{r['attention']}\n{_fmt(r['memory_mib'], '.0f')} MiB"
+    ax.annotate(label, (r["steps_per_sec"], r["avg"]), ha="center", va="center", fontsize=8)
+  ax.set_xlabel("training steps/s (mean over tasks)")
+  ax.set_ylabel("test accuracy, average over tasks (%)")
+  ax.set_title(f"LRA: accuracy vs speed, bubble area = memory\n{_devices_text(cells)}", fontsize=9)
+  ax.grid(True, alpha=0.3)
+  ax.margins(0.2)
+  fig.tight_layout()
+  tmp = f"{path}.tmp{os.getpid()}.png"
+  fig.savefig(tmp, dpi=120)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return True
+
+
+def write_report(root: str, tasks: Sequence[str] = (), attentions: Sequence[str] = ()) -> str:
+  """Writes results.md, results.csv, results_cells.csv and results_plot.png; returns the table."""
+  cells = collect(root, tasks, attentions)
+  os.makedirs(root, exist_ok=True)
+  table = markdown(cells)
+  with open(os.path.join(root, "results.md"), "w") as f:
+    f.write(table)
+  write_csvs(cells, root)
+  plot(cells, os.path.join(root, "results_plot.png"))
+  return table
+
+
+# ---------------------------------------------------------------- Command line.
+
+
+def cell_command(args: argparse.Namespace, task: str, attention_name: str) -> str:
+  """The command running one cell, for a job scheduler."""
+  parts = [
+    "python", "-m", "efficient_transformers.benchmarks.lra",
+    f"--workdir={args.workdir}", f"--cell={task}:{attention_name}",
+  ]  # fmt: skip
+  if args.smoke:
+    parts.append("--smoke")
+  if args.config_overrides:
+    parts += ["--config_overrides", *args.config_overrides]
+  return shlex.join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument("--tasks", default=None, help="default: LRA's five (no Path-X)")
+  parser.add_argument("--attentions", default=None, help="default: every registered variant")
+  parser.add_argument("--workdir", required=True, help="cells run in WORKDIR/<task>/<attention>")
+  parser.add_argument("--smoke", action="store_true", help="the configs' smoke variants")
+  parser.add_argument(
+    "--config_overrides", nargs="*", default=[], metavar="[NAME:]KEY=VALUE",
+    help="config.KEY=VALUE in every cell, or only in task or attention NAME's cells",
+  )  # fmt: skip
+  parser.add_argument("--cell", default=None, metavar="TASK:ATTENTION", help="run one cell only")
+  parser.add_argument("--report_only", action="store_true", help="only rebuild the results files")
+  parser.add_argument("--print_commands", action="store_true", help="print one command per cell")
+  args = parser.parse_args(argv)
+  try:
+    valid_tasks, valid_attentions = available_tasks(), attention.available()
+    default_tasks = ",".join(t for t in valid_tasks if t in AVERAGED_TASKS)
+    if args.cell is not None:
+      task, colon, name = args.cell.partition(":")
+      if not colon:
+        raise ConfigError(f"--cell={args.cell!r}: write TASK:ATTENTION, e.g. listops:softmax.")
+      args.tasks, args.attentions = task, name
+    tasks = _names(args.tasks or default_tasks, valid_tasks, "task")
+    names = _names(args.attentions or ",".join(valid_attentions), valid_attentions, "attention")
+    overrides = parse_overrides(args.config_overrides, [*valid_tasks, *valid_attentions])
+    if args.report_only:
+      print(
+        write_report(args.workdir, tasks if args.tasks else (), names if args.attentions else ())
+      )
+      return 0
+    if args.print_commands:
+      for task in tasks:
+        for name in names:
+          print(cell_command(args, task, name))
+      return 0
+    # A wrong override key is a mistake in the command, not in a cell: refuse before training.
+    for task in tasks:
+      for name in names:
+        try:
+          cell_config(task, name, smoke=args.smoke, overrides=overrides)
+        except ConfigError as e:
+          if str(e).startswith("--config_overrides"):
+            raise
+        except Exception:  # noqa: BLE001 - the cell records its own failure.
+          pass
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+  records = []
+  try:
+    for i, task in enumerate(tasks):
+      for j, name in enumerate(names):
+        _log(f"[{i * len(names) + j + 1}/{len(tasks) * len(names)}] {task}:{name}")
+        records.append(run_cell(task, name, args.workdir, smoke=args.smoke, overrides=overrides))
+        # Free the finished cell's executables and buffers before the next one compiles.
+        jax.clear_caches()
+        gc.collect()
+  except (_Stopped, KeyboardInterrupt) as e:
+    _log(f"{e or 'Interrupted'}; rerun the same command to continue the grid.")
+    return 130
+  failed = [f"{r['task']}:{r['attention']}" for r in records if r["status"] == "failed"]
+  if args.cell is not None:
+    _log(
+      "When every cell has finished: python -m efficient_transformers.benchmarks.lra "
+      f"--workdir={shlex.quote(args.workdir)} --report_only"
+    )
+  elif jax.process_index() == 0:
+    print(write_report(args.workdir, tasks, names))
+    _log(f"Wrote results.md, results.csv, results_plot.png in {args.workdir}.")
+  if failed:
+    _log(f"{len(failed)} cell(s) failed: {', '.join(failed)}. Rerun the command to retry them.")
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

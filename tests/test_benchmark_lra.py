@@ -1,0 +1,273 @@
+"""The LRA suite runner: a grid that skips, resumes, records failures and writes Table 1.
+
+One tiny ListOps grid is run once for the module, in the order a user would
+meet it: a cell run alone as a cluster job (local, made to fail), a softmax
+cell whose training was cut short, the whole grid (local retried and failing
+again, softmax resumed), then the grid again (softmax skipped). One trained
+cell keeps the file to about a minute of CPU: each cell compiles its model.
+"""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shlex
+
+import pytest
+
+from efficient_transformers.benchmarks import lra
+from efficient_transformers.training import train_and_evaluate
+
+# tests/helpers.py's tiny_config as runner overrides: seconds per cell.
+TINY = [
+  "data.num_train=96", "data.num_val=20", "data.num_test=20", "data.min_length=5",
+  "data.max_length=32", "model.max_length=32", "model.num_layers=1", "model.emb_dim=16",
+  "model.qkv_dim=16", "model.mlp_dim=32", "model.classifier_dim=16", "model.num_heads=2",
+  "batch_size=8", "num_train_steps=4", "eval_every_steps=2", "checkpoint_every_steps=2",
+  "log_every_steps=1", "optimizer.warmup_steps=1",
+  # A cell that cannot build its model (blocks longer than the 33 positions): recorded as
+  # failed, and the grid goes on.
+  "local:model.attention_kwargs.block_size=1000",
+]  # fmt: skip
+GRID = ["--tasks=listops", "--attentions=local,softmax", "--smoke"]
+
+
+def _overrides(tmp):
+  return ["--config_overrides", f"data_dir={tmp / 'data'}", *TINY]
+
+
+def _train_steps(workdir):
+  return [r["step"] for r in lra.read_metrics(str(workdir)) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("lra")
+  root = tmp / "runs"
+  args = [f"--workdir={root}", *GRID, *_overrides(tmp)]
+  logs = {}
+
+  def run(name, *extra):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+      rc = lra.main([*args, *extra])
+    logs[name] = (rc, out.getvalue(), err.getvalue())
+
+  # 1. One cell as its own job: it fails, alone.
+  run("cell", "--cell=listops:local")
+  logs["dirs_after_cell"] = sorted(os.listdir(root / "listops"))
+  logs["report_after_cell"] = (root / "results.md").exists()
+  # 2. A softmax run stopped at step 2 of 4: checkpoints, no results.json.
+  overrides = lra.parse_overrides([f"data_dir={tmp / 'data'}", *TINY], ["listops", "local"])
+  config = lra.cell_config("listops", "softmax", smoke=True, overrides=overrides)
+  config.num_train_steps = 2
+  train_and_evaluate(config, str(root / "listops" / "softmax"))
+  logs["softmax_steps_before"] = _train_steps(root / "listops" / "softmax")
+  # 3. The whole grid, then 4. the grid again.
+  run("grid")
+  logs["softmax_mtime"] = (root / "listops" / "softmax" / "results.json").stat().st_mtime_ns
+  run("rerun")
+  return root, logs
+
+
+def test_a_lone_cell_job_runs_only_that_cell(grid):
+  _, logs = grid
+  rc, _, err = logs["cell"]
+  assert rc == 1, err  # A failed cell job exits non-zero, for the scheduler to see.
+  assert logs["dirs_after_cell"] == ["local"]
+  assert not logs["report_after_cell"]  # Parallel jobs leave the report to --report_only.
+  assert "--report_only" in err  # ... and say so.
+
+
+def test_grid_resumes_a_stopped_cell_and_records_a_failed_one(grid):
+  root, logs = grid
+  rc, _, err = logs["grid"]
+  assert rc == 1, err  # One cell failed; the other finished.
+  workdir = root / "listops" / "softmax"
+  # Resumed at step 2 rather than retrained from scratch.
+  assert logs["softmax_steps_before"] == [1, 2]
+  assert _train_steps(workdir) == [1, 2, 3, 4]
+  record = json.loads((workdir / "cell.json").read_text())
+  assert record["status"] == "finished" and record["num_train_steps"] == 4
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["checkpoint"] == "best" and "test" in results
+  assert record["test_accuracy"] == results["test"]["accuracy"]
+  val = {
+    r["step"]: r["accuracy"] for r in lra.read_metrics(str(workdir)) if r["split"] == "validation"
+  }
+  assert sorted(val) == [2, 4]
+  assert (
+    record["best_step"] == results["step"] == min(s for s in val if val[s] == max(val.values()))
+  )
+  assert record["best_val_accuracy"] == max(val.values())
+  assert record["steps_per_sec"] > 0 and record["memory_mib"] > 0 and record["wall_s"] > 0
+  assert record["device_kind"] and record["num_params"] > 0
+  failed = json.loads((root / "listops" / "local" / "failed.json").read_text())
+  assert "block_size=1000 is larger than the sequence length" in failed["error"]
+  assert "traceback" not in failed  # A UserError: its message alone.
+  assert "listops:local: FAILED: attention 'local': block_size=1000" in err
+  assert "Rerun the command to retry them" in err
+  # The failure came first and the grid went on.
+  assert err.index("listops:local: FAILED") < err.index("listops:softmax: test accuracy")
+
+
+def test_rerun_retries_failed_cells_and_skips_finished(grid):
+  root, logs = grid
+  assert "listops:local: failed before (attention 'local'" in logs["grid"][2]
+  rc, _, err = logs["rerun"]
+  assert rc == 1
+  assert "listops:local: failed before (" in err and "retrying" in err
+  assert "listops:softmax: finished before, skipped" in err
+  assert (root / "listops" / "softmax" / "results.json").stat().st_mtime_ns == logs["softmax_mtime"]
+  assert _train_steps(root / "listops" / "softmax") == [1, 2, 3, 4]
+
+
+def test_results_table_csv_and_plot(grid):
+  root, logs = grid
+  md = (root / "results.md").read_text()
+  assert md.strip() in logs["rerun"][1]  # Also printed.
+  lines = md.splitlines()
+  assert "| Attention | LRA model | ListOps | Avg |" in lines
+  rows = [line for line in lines if line.startswith("| ") and "LRA model" not in line]
+  softmax = json.loads((root / "listops" / "softmax" / "cell.json").read_text())
+  acc = f"{softmax['test_accuracy'] * 100:.2f}"
+  # Rows in the order asked for; the published figure beside ours; the average.
+  assert rows[0] == "| local | Local Attention | FAILED (15.82) | - |"
+  assert rows[1] == f"| softmax | Transformer | {acc} (36.37) | {acc} (36.37) |"
+  assert f"Device: {softmax['device_kind']} (" in md
+  assert "block_size=1000 is larger" in md  # The failed cell's error in the per-cell table.
+  with open(root / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [r["attention"] for r in table] == ["local", "softmax"]
+  local, soft = table
+  assert local["listops"] == "FAILED" and local["avg"] == ""
+  assert float(local["listops_published"]) == 15.82
+  assert float(soft["listops"]) == pytest.approx(softmax["test_accuracy"] * 100)
+  assert float(soft["listops_published"]) == 36.37
+  assert float(soft["avg"]) == pytest.approx(softmax["test_accuracy"] * 100)
+  assert float(soft["avg_published"]) == 36.37
+  assert float(soft["memory_mib"]) == pytest.approx(softmax["memory_mib"], rel=1e-5)
+  with open(root / "results_cells.csv") as f:
+    statuses = {r["attention"]: r["status"] for r in csv.DictReader(f)}
+  assert statuses == {"local": "failed", "softmax": "finished"}
+  assert (root / "results_plot.png").stat().st_size > 1000
+
+
+def test_report_only_rebuilds_from_finished_cells(grid, capsys):
+  root, _ = grid
+  before = (root / "results.md").read_text()
+  for name in ("results.md", "results.csv", "results_plot.png"):
+    os.remove(root / name)
+  assert lra.main([f"--workdir={root}", *GRID, "--report_only"]) == 0
+  assert (root / "results.md").read_text() == before
+  assert (root / "results.csv").exists() and (root / "results_plot.png").exists()
+  assert before.strip() in capsys.readouterr().out
+  # Without a grid: every cell in the workdir, rows in LRA's order (Transformer first).
+  assert lra.main([f"--workdir={root}", "--report_only"]) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+  assert rows[1].startswith("| softmax | Transformer |")
+  assert rows[2] == "| local | Local Attention | FAILED (15.82) | - |"
+
+
+def test_print_commands_gives_one_job_per_cell(grid, capsys, tmp_path):
+  root, _ = grid
+  argv = [f"--workdir={root}", *GRID, *_overrides(tmp_path)]
+  assert lra.main([*argv, "--print_commands"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2
+  for line, name in zip(lines, ("local", "softmax"), strict=True):
+    words = shlex.split(line)
+    assert words[:3] == ["python", "-m", "efficient_transformers.benchmarks.lra"]
+    assert f"--cell=listops:{name}" in words and "--smoke" in words
+    assert words[words.index("--config_overrides") + 1 :] == _overrides(tmp_path)[1:]
+  assert not (tmp_path / "data").exists()  # Printing runs nothing.
+
+
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--tasks=listops,nope"], "error: Unknown task 'nope'; valid: listops"),
+    (["--attentions=softmax,nope"], "error: Unknown attention 'nope'; valid: "),
+    (["--cell=listops"], "write TASK:ATTENTION"),
+    (["--tasks=listops", "--attentions=softmax", "--config_overrides", "model.nope=1"],
+     "config.model has no 'nope'"),
+    (["--tasks=listops", "--attentions=softmax", "--config_overrides", "batch_size=big"],
+     "'big' is not of type int"),
+    (["--tasks=listops", "--attentions=softmax,local", "--config_overrides",
+      "model.attention_kwargs.block_size=8"], "scope the override to one attention"),
+    (["--tasks=listops", "--attentions=softmax", "--config_overrides", "nope:seed=1"],
+     "'nope' is neither a task nor an attention"),
+  ],
+)  # fmt: skip
+def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
+  assert lra.main([f"--workdir={tmp_path}", *argv]) == 2
+  err = capsys.readouterr().err
+  assert message in err and err.count("\n") == 1, err
+  assert os.listdir(tmp_path) == []  # Nothing ran.
+
+
+def test_overrides_take_the_type_of_the_current_value():
+  scopes = ["listops", "softmax", "local"]
+  overrides = lra.parse_overrides(
+    [
+      "num_train_steps=50",
+      "optimizer.learning_rate=2e-3",
+      "data.generate=false",
+      "model.positional=learned",
+      "local:model.attention_kwargs.block_size=4",
+      "softmax:seed=7",
+    ],
+    scopes,
+  )
+  local = lra.cell_config("listops", "local", smoke=True, overrides=overrides)
+  assert local.num_train_steps == 50 and isinstance(local.num_train_steps, int)
+  assert local.optimizer.learning_rate == 2e-3 and local.data.generate is False
+  assert local.model.positional == "learned"
+  assert local.model.attention_kwargs.block_size == 4
+  assert local.seed == 0  # The softmax-only override is not applied here.
+  assert lra.cell_config("listops", "softmax", smoke=True, overrides=overrides).seed == 7
+
+
+def test_table_averages_lra_tasks_and_maps_published_names():
+  def done(task, name, acc, sps=10.0):
+    return dict(
+      task=task, attention=name, status="finished", test_accuracy=acc, steps_per_sec=sps,
+      memory_mib=100.0, device_kind="TPU v3", platform="tpu", num_devices=16,
+    )  # fmt: skip
+
+  cells = [
+    done("listops", "dot_product", 0.40),
+    done("text", "dot_product", 0.60),
+    done("pathx", "dot_product", 0.90),  # Path-X stays out of the average, as in LRA.
+    done("listops", "nystromformer", 0.30),
+    {"task": "text", "attention": "nystromformer", "status": "failed", "error": "a | b"},
+  ]
+  md = lra.markdown(cells)
+  assert "| Attention | LRA model | ListOps | Text | Path-X | Avg |" in md
+  assert (
+    "| dot_product | Transformer | 40.00 (36.37) | 60.00 (64.27) | 90.00 (-) | 50.00 (50.32) |"
+  ) in md
+  assert (
+    "| nystromformer | - | 30.00 (-) | FAILED (-) | not run (-) | 30.00 (-) [1/2 tasks] |" in md
+  )
+  assert "a \\| b" in md  # Escaped in the per-cell table.
+  assert "Device: TPU v3 (tpu, 16 device(s))." in md
+  assert lra.median_steps_per_sec(
+    [{"split": "train", "steps_per_sec": s} for s in (1.0, 5.0, 3.0, 4.0)]
+    + [{"split": "validation", "accuracy": 0.5}]
+  ) == pytest.approx(4.0)  # The first (compiling) interval is dropped.
+
+
+def test_a_preempted_cell_stops_the_grid_without_failing(tmp_path, monkeypatch, capsys):
+  import efficient_transformers.training as training
+
+  # train_and_evaluate returns early after SIGTERM/SIGINT (it saved a checkpoint first).
+  monkeypatch.setattr(training, "train_and_evaluate", lambda config, workdir: {})
+  argv = [f"--workdir={tmp_path}", "--tasks=listops", "--attentions=softmax,local", "--smoke"]
+  assert lra.main(argv) == 130
+  err = capsys.readouterr().err
+  assert "listops:softmax: training stopped before step 400" in err
+  assert "rerun the same command to continue" in err
+  assert "listops:local" not in err  # The grid stopped there.
+  assert os.listdir(tmp_path) == []  # Not recorded as failed; nothing written.
