@@ -16,7 +16,7 @@ import shlex
 
 import pytest
 
-from efficient_transformers.benchmarks import lra
+from efficient_transformers.benchmarks import lra, lra_report
 from efficient_transformers.training import train_and_evaluate
 
 # tests/helpers.py's tiny_config as runner overrides: seconds per cell.
@@ -243,7 +243,7 @@ def test_table_averages_lra_tasks_and_maps_published_names():
     done("listops", "nystromformer", 0.30),
     {"task": "text", "attention": "nystromformer", "status": "failed", "error": "a | b"},
   ]
-  md = lra.markdown(cells)
+  md = lra_report.markdown(cells)
   assert "| Attention | LRA model | ListOps | Text | Path-X | Avg |" in md
   assert (
     "| dot_product | Transformer | 40.00 (36.37) | 60.00 (64.27) | 90.00 (-) | 50.00 (50.32) |"

@@ -28,7 +28,6 @@ the key's current value, as `--config.KEY=VALUE` flags are.
 
 import argparse
 import ast
-import csv
 import dataclasses
 import gc
 import importlib.util
@@ -45,60 +44,21 @@ import jax
 import ml_collections
 
 from efficient_transformers import attention
+from efficient_transformers.benchmarks.lra_report import (
+  AVERAGED_TASKS,
+  TASKS,
+  _fresh_test_results,
+  _log,
+  _read_json,
+  write_report,
+)
 from efficient_transformers.errors import ConfigError, UserError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(_REPO, "configs", "lra")
-# LRA's order; Table 1's average is over the first five (every model FAILed Path-X).
-TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
-AVERAGED_TASKS = TASKS[:5]
-TASK_TITLES = {
-  "listops": "ListOps",
-  "text": "Text",
-  "retrieval": "Retrieval",
-  "image": "Image",
-  "pathfinder": "Pathfinder",
-  "pathx": "Path-X",
-}
 
-# LRA Table 1 (Tay et al. 2020; /work/shared/LRA_REFERENCE.md), test accuracy in %,
-# in TASKS order; None = FAIL.
-PUBLISHED = {
-  "Transformer": (36.37, 64.27, 57.46, 42.44, 71.40, None),
-  "Local Attention": (15.82, 52.98, 53.39, 41.46, 66.63, None),
-  "Sparse Trans.": (17.07, 63.58, 59.59, 44.24, 71.71, None),
-  "Longformer": (35.63, 62.85, 56.89, 42.22, 69.71, None),
-  "Linformer": (35.70, 53.94, 52.27, 38.56, 76.34, None),
-  "Reformer": (37.27, 56.10, 53.40, 38.07, 68.50, None),
-  "Sinkhorn Trans.": (33.67, 61.20, 53.83, 41.23, 67.45, None),
-  "Synthesizer": (36.99, 61.68, 54.67, 41.61, 69.45, None),
-  "BigBird": (36.05, 64.02, 59.29, 40.83, 74.87, None),
-  "Linear Trans.": (16.13, 65.90, 53.09, 42.34, 75.30, None),
-  "Performer": (18.01, 65.40, 53.82, 42.77, 77.05, None),
-}
-# Our attention names -> LRA's model names; the exact variants compute Transformer's attention.
-LRA_NAMES = {
-  "softmax": "Transformer",
-  "dot_product": "Transformer",
-  "memory_efficient": "Transformer",
-  "local": "Local Attention",
-  "sparse": "Sparse Trans.",
-  "longformer": "Longformer",
-  "linformer": "Linformer",
-  "reformer": "Reformer",
-  "sinkhorn": "Sinkhorn Trans.",
-  "synthesizer": "Synthesizer",
-  "bigbird": "BigBird",
-  "linear": "Linear Trans.",
-  "performer": "Performer",
-}
+
 _MIB = 2**20
-
-
-def published(attention_name: str, task: str) -> float | None:
-  """LRA's Table 1 test accuracy (%) for our attention on `task`; None if there is none."""
-  row = PUBLISHED.get(LRA_NAMES.get(attention_name, ""))
-  return row[TASKS.index(task)] if row and task in TASKS else None
 
 
 class _Stopped(Exception):
@@ -230,14 +190,6 @@ def cell_config(
 # ---------------------------------------------------------------- What a cell's workdir holds.
 
 
-def _read_json(path: str) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def _write_json(path: str, obj: dict) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w") as f:
@@ -266,18 +218,6 @@ def _trained_to_end(workdir: str, num_train_steps: int) -> bool:
     r.get("split") == "validation" and r.get("step") == num_train_steps
     for r in read_metrics(workdir)
   )
-
-
-def _fresh_test_results(workdir: str) -> dict | None:
-  """results.json if it is the best checkpoint's test evaluation, made after the last training."""
-  path = os.path.join(workdir, "results.json")
-  results = _read_json(path)
-  if not results or results.get("checkpoint") != "best" or "test" not in results:
-    return None
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics) and os.path.getmtime(path) < os.path.getmtime(metrics):
-    return None  # Evaluated before training went on.
-  return results
 
 
 def median_steps_per_sec(records: list[dict]) -> float | None:
@@ -325,10 +265,6 @@ def _device() -> dict:
 
 
 # ---------------------------------------------------------------- Running one cell.
-
-
-def _log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
 
 
 def _attempts_wall_s(workdir: str) -> float:
@@ -430,233 +366,6 @@ def run_cell(
       wall_s = time.perf_counter() - t0 if wall_s is None else wall_s
       with open(os.path.join(workdir, "attempts.jsonl"), "a") as f:
         f.write(json.dumps({"time": time.time(), "wall_s": wall_s, "outcome": outcome}) + "\n")
-
-
-# ---------------------------------------------------------------- Report.
-
-
-def collect(root: str, tasks: Sequence[str] = (), attentions: Sequence[str] = ()) -> list[dict]:
-  """Every cell under `root` (finished, failed or pending) plus the grid `tasks` x `attentions`."""
-  found = {}
-  if os.path.isdir(root):
-    for task in sorted(os.listdir(root)):
-      if not os.path.isdir(os.path.join(root, task)):
-        continue
-      for name in sorted(os.listdir(os.path.join(root, task))):
-        workdir = os.path.join(root, task, name)
-        record = _read_json(os.path.join(workdir, "cell.json"))
-        if record is None or not _fresh_test_results(workdir):
-          record = _read_json(os.path.join(workdir, "failed.json"))
-        if record is not None:
-          found[(task, name)] = record
-  for task in tasks:
-    for name in attentions:
-      found.setdefault((task, name), {"task": task, "attention": name, "status": "pending"})
-  task_rank = {t: i for i, t in enumerate(dict.fromkeys([*tasks, *TASKS]))}
-  att_order = dict.fromkeys([*attentions, *LRA_NAMES, *attention.available()])  # LRA's rows.
-  att_rank = {a: i for i, a in enumerate(att_order)}
-  return sorted(
-    found.values(),
-    key=lambda r: (
-      att_rank.get(r["attention"], len(att_rank)),
-      r["attention"],
-      task_rank.get(r["task"], len(task_rank)),
-      r["task"],
-    ),
-  )
-
-
-def _fmt(value: float | None, spec: str = ".2f") -> str:
-  return "-" if value is None else format(value, spec)
-
-
-def table1_rows(cells: list[dict]) -> tuple[list[str], list[dict]]:
-  """(tasks, one row per attention) in Table 1 form: accuracy % per task and the average."""
-  tasks = list(dict.fromkeys(c["task"] for c in sorted(cells, key=lambda c: _task_key(c["task"]))))
-  rows = []
-  for name in dict.fromkeys(c["attention"] for c in cells):
-    mine = {c["task"]: c for c in cells if c["attention"] == name}
-    row = {"attention": name, "lra_name": LRA_NAMES.get(name, "-"), "cells": mine}
-    done = [t for t in tasks if mine.get(t, {}).get("status") == "finished"]
-    averaged = [t for t in done if t in AVERAGED_TASKS] or [t for t in done if t == "pathx"]
-    row["avg"] = _mean([mine[t]["test_accuracy"] * 100 for t in averaged])
-    pub = [published(name, t) for t in averaged]
-    row["avg_published"] = None if None in pub else _mean(pub)
-    row["avg_tasks"] = len(averaged)
-    row["avg_of"] = len([t for t in tasks if t in AVERAGED_TASKS] or tasks)
-    row["steps_per_sec"] = _mean(
-      [mine[t]["steps_per_sec"] for t in done if mine[t].get("steps_per_sec")]
-    )
-    row["memory_mib"] = _mean([mine[t]["memory_mib"] for t in done if mine[t].get("memory_mib")])
-    rows.append(row)
-  return tasks, rows
-
-
-def _task_key(task: str) -> tuple:
-  return (TASKS.index(task) if task in TASKS else len(TASKS), task)
-
-
-def _mean(values: list) -> float | None:
-  return statistics.fmean(values) if values else None
-
-
-def _cell_text(cell: dict | None, pub: float | None) -> str:
-  status = (cell or {}).get("status", "pending")
-  if status == "finished":
-    ours = f"{cell['test_accuracy'] * 100:.2f}"
-  else:
-    ours = "FAILED" if status == "failed" else "not run"
-  return f"{ours} ({_fmt(pub)})"
-
-
-def _short(text: str, limit: int = 300) -> str:
-  """The first line of an error, cut to `limit` characters (failed.json keeps it whole)."""
-  line = text.strip().split("\n")[0]
-  return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
-def _md_escape(text: str) -> str:
-  return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _devices_text(cells: list[dict]) -> str:
-  kinds = {
-    f"{c['device_kind']} ({c.get('platform', '?')}, {c.get('num_devices', '?')} device(s))"
-    for c in cells
-    if c.get("status") == "finished" and "device_kind" in c
-  }
-  return "; ".join(sorted(kinds)) or "-"
-
-
-def markdown(cells: list[dict]) -> str:
-  """results.md: Table 1 form, then one line per cell (steps/s, memory, errors)."""
-  tasks, rows = table1_rows(cells)
-  lines = [
-    "# Long Range Arena results",
-    "",
-    f"Device: {_devices_text(cells)}.",
-    "",
-    "Test accuracy (%) with the best-validation checkpoint; in parentheses LRA's published "
-    "figure (Tay et al. 2020, Table 1) for the matching model ('-': none, e.g. Path-X FAIL). "
-    "Avg: mean over the finished tasks (Path-X excluded, as in LRA); its published figure is "
-    "the mean over the same tasks. FAILED cells are retried by rerunning the command.",
-    "",
-    "| Attention | LRA model | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " | Avg |",
-    "|---|---|" + "---:|" * (len(tasks) + 1),
-  ]
-  for row in rows:
-    cells_text = [_cell_text(row["cells"].get(t), published(row["attention"], t)) for t in tasks]
-    avg = "-"
-    if row["avg"] is not None:
-      avg = f"{row['avg']:.2f} ({_fmt(row['avg_published'])})"
-      if row["avg_tasks"] < row["avg_of"]:
-        avg += f" [{row['avg_tasks']}/{row['avg_of']} tasks]"
-    lines.append(
-      f"| {row['attention']} | {row['lra_name']} | " + " | ".join(cells_text) + f" | {avg} |"
-    )
-  lines += [
-    "",
-    "## Cells",
-    "",
-    "Steps/s: median over the logged training intervals after the first. Memory: XLA's "
-    "compiled train step per device, temporaries + arguments. Wall: all attempts, training "
-    "and test evaluation.",
-    "",
-    "| Task | Attention | Status | Test acc | Best val acc @ step | Steps/s | Memory MiB | "
-    "Wall s | Device | Error |",
-    "|---|---|---|---:|---:|---:|---:|---:|---|---|",
-  ]
-  for c in sorted(cells, key=lambda c: _task_key(c["task"])):  # Stable: attentions as given.
-    best = "-"
-    if c.get("best_val_accuracy") is not None:
-      best = f"{c['best_val_accuracy'] * 100:.2f} @ {c['best_step']}"
-    test = c.get("test_accuracy")
-    lines.append(
-      f"| {c['task']} | {c['attention']} | {c['status']} | "
-      f"{_fmt(test and test * 100)} | {best} | {_fmt(c.get('steps_per_sec'))} | "
-      f"{_fmt(c.get('memory_mib'), '.1f')} | {_fmt(c.get('wall_s'), '.0f')} | "
-      f"{_md_escape(c.get('device_kind', '-'))} | {_md_escape(_short(c.get('error', '')))} |"
-    )
-  return "\n".join(lines) + "\n"
-
-
-CELL_KEYS = (
-  "task", "attention", "status", "test_accuracy", "test_loss", "best_val_accuracy", "best_step",
-  "num_train_steps", "steps_per_sec", "memory_mib", "temp_mib", "argument_mib", "xla_peak_mib",
-  "num_params", "wall_s", "device_kind", "platform", "num_devices", "error",
-)  # fmt: skip
-
-
-def write_csvs(cells: list[dict], root: str) -> None:
-  """results.csv (Table 1 form; FAILED / empty for a failed / missing cell), results_cells.csv."""
-  tasks, rows = table1_rows(cells)
-  keys = ["attention", "lra_name"]
-  for t in tasks:
-    keys += [t, f"{t}_published"]
-  keys += ["avg", "avg_published", "avg_num_tasks", "steps_per_sec", "memory_mib"]
-  with open(os.path.join(root, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=keys)
-    writer.writeheader()
-    for row in rows:
-      out = {k: row.get(k) for k in ("attention", "lra_name", "avg", "avg_published")}
-      out.update(avg_num_tasks=row["avg_tasks"], steps_per_sec=row["steps_per_sec"])
-      out["memory_mib"] = row["memory_mib"]
-      for t in tasks:
-        c = row["cells"].get(t, {})
-        status = c.get("status")
-        out[t] = (
-          c["test_accuracy"] * 100 if status == "finished" else {"failed": "FAILED"}.get(status)
-        )
-        out[f"{t}_published"] = published(row["attention"], t)
-      writer.writerow({k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in out.items()})
-  with open(os.path.join(root, "results_cells.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=CELL_KEYS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(cells)
-
-
-def plot(cells: list[dict], path: str) -> bool:
-  """LRA's Figure-3 style: average accuracy against steps/s, bubble area = peak memory."""
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    _log("matplotlib is not installed; skipping the plot.")
-    return False
-  _, rows = table1_rows(cells)
-  rows = [r for r in rows if r["avg"] is not None and r["steps_per_sec"]]
-  fig, ax = plt.subplots(figsize=(7, 5))
-  largest = max((r["memory_mib"] or 0 for r in rows), default=0) or 1
-  for r in rows:
-    size = 200 + 2000 * (r["memory_mib"] or 0) / largest
-    ax.scatter(r["steps_per_sec"], r["avg"], s=size, alpha=0.5)
-    label = f"{r['attention']}\n{_fmt(r['memory_mib'], '.0f')} MiB"
-    ax.annotate(label, (r["steps_per_sec"], r["avg"]), ha="center", va="center", fontsize=8)
-  ax.set_xlabel("training steps/s (mean over tasks)")
-  ax.set_ylabel("test accuracy, average over tasks (%)")
-  ax.set_title(f"LRA: accuracy vs speed, bubble area = memory\n{_devices_text(cells)}", fontsize=9)
-  ax.grid(True, alpha=0.3)
-  ax.margins(0.2)
-  fig.tight_layout()
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return True
-
-
-def write_report(root: str, tasks: Sequence[str] = (), attentions: Sequence[str] = ()) -> str:
-  """Writes results.md, results.csv, results_cells.csv and results_plot.png; returns the table."""
-  cells = collect(root, tasks, attentions)
-  os.makedirs(root, exist_ok=True)
-  table = markdown(cells)
-  with open(os.path.join(root, "results.md"), "w") as f:
-    f.write(table)
-  write_csvs(cells, root)
-  plot(cells, os.path.join(root, "results_plot.png"))
-  return table
 
 
 # ---------------------------------------------------------------- Command line.
