@@ -211,12 +211,14 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
     print("matplotlib is not installed; skipping the plot.", file=sys.stderr)
     return False
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-  for name in dict.fromkeys(r["attention"] for r in rows):
+  for i, name in enumerate(dict.fromkeys(r["attention"] for r in rows)):
     mine = [r for r in rows if r["attention"] == name]
+    # Matplotlib cycles 10 colors: later lines get another line style.
+    style = dict(marker="os^"[i // 10 % 3], linestyle=("-", "--", ":")[i // 10 % 3])
     for ax, key in zip(axes, ("step_s", "total_mib"), strict=True):
       pts = [(r["length"], r[key]) for r in mine if key in r]
       if pts:
-        ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.plot(*zip(*pts, strict=True), label=name, **style)
   for ax, label in zip(axes, ("step time (s)", "compiled memory (MiB)"), strict=True):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
