@@ -8,6 +8,19 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are small; keep TF-datasets and absl quiet and off the network.
 os.environ.setdefault("TFDS_DATA_DIR", "/nonexistent-tfds")
+# Many tests compile the same tiny models (and the CLI tests' subprocesses inherit
+# this): JAX's persistent compilation cache, one per test session, compiles each once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+
+  # Made by the first process (pytest itself); xdist workers inherit the variable.
+  _cache_dir = tempfile.mkdtemp(prefix="et-jax-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+  atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
