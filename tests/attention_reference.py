@@ -101,32 +101,23 @@ def output_and_grads_fn(fn, causal):
   return run
 
 
+def _replace_where(qkv, where, seed):
+  """q, k, v with the positions where `where` [batch or 1, length] holds replaced by noise."""
+  q, k = qkv[0], qkv[1]
+  batch, q_len, heads, head_dim = q.shape
+  junk = random_qkv(seed, q_len, k.shape[1], batch=batch, heads=heads, head_dim=head_dim)
+  where = np.asarray(where)[:, :, None, None]
+  return tuple(jnp.where(where, j, x) for x, j in zip(qkv, junk, strict=True))
+
+
 def replace_padded(qkv, mask, seed):
   """q, k, v with every padded position (mask False) replaced by fresh random values."""
-  junk = random_qkv(
-    seed,
-    qkv[0].shape[1],
-    qkv[1].shape[1],
-    heads=qkv[0].shape[2],
-    head_dim=qkv[0].shape[3],
-    batch=qkv[0].shape[0],
-  )
-  pad = ~np.asarray(mask)[:, :, None, None]
-  return tuple(jnp.where(pad, j, x) for x, j in zip(qkv, junk, strict=True))
+  return _replace_where(qkv, ~np.asarray(mask), seed)
 
 
 def replace_future(qkv, position, seed):
   """q, k, v with every position > `position` replaced by fresh random values."""
-  junk = random_qkv(
-    seed,
-    qkv[0].shape[1],
-    qkv[1].shape[1],
-    heads=qkv[0].shape[2],
-    head_dim=qkv[0].shape[3],
-    batch=qkv[0].shape[0],
-  )
-  future = (np.arange(qkv[0].shape[1]) > position)[None, :, None, None]
-  return tuple(jnp.where(future, j, x) for x, j in zip(qkv, junk, strict=True))
+  return _replace_where(qkv, np.arange(qkv[0].shape[1])[None, :] > position, seed)
 
 
 @functools.cache
