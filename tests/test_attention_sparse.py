@@ -72,6 +72,25 @@ def test_values_and_grads_match_dense_pattern(name, causal, mask_kind):
   chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_fixed_pattern_over_several_query_chunks(causal):
+  # 90 tokens in blocks of 2: 45 query blocks, more than one chunk of the
+  # kernel's loop (20 blocks), the last chunk padded with masked blocks.
+  from efficient_transformers.attention import sparse as sparse_lib
+
+  length, kwargs = 90, dict(pattern="fixed", block_size=2, num_summary=1)
+  assert -(-length // 2) > 2 * sparse_lib._FIXED_CHUNK_BLOCKS  # three chunks, last one padded
+  q, k, v = random_qkv(seed=4, q_len=length, kv_len=length)
+  mask = make_mask("random", length, seed=3)
+  pattern = sparse_pattern(length, length, causal=causal, **kwargs)
+  out, grads = _runner(functools.partial(sparse_attention, **kwargs), causal)(q, k, v, mask)
+  ref, ref_grads = _runner(
+    lambda q, k, v, *, mask, causal: pattern_reference(q, k, v, pattern, mask=mask), causal
+  )(q, k, v, mask)
+  chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
+
+
 def test_cross_attention_lengths_match_dense_pattern():
   q, k, v = random_qkv(seed=2, q_len=13, kv_len=29)
   mask = jnp.asarray(np.arange(29)[None, :] >= np.array([[5], [0]]))

@@ -26,12 +26,14 @@ seed reproduces the same layout.
 
 Cost per head, with K = (w + g + r) b keys per sparse query: time
 O(L K d + g b L d) and memory O(L K + g b L), forward and backward (plain
-autodiff stores only the blocked logits, the gathered key/value blocks and
-the g b dense global rows). No [L, L] array is built: the key and value
-blocks each non-global query block sees are gathered into
-[batch, heads, num_blocks, K, head_dim] and its logits are
-[batch, heads, num_blocks, b, K]; the only quadratic-looking array is
-the [heads, num_blocks, num_blocks] table of random scores over BLOCKS.
+autodiff stores only the blocked exponentials, the gathered key/value blocks
+and the g b dense global rows). No [L, L] array is built: the window and
+random key and value blocks each non-global query block sees are gathered
+into [batch, heads, num_blocks, (w + r) b, head_dim]; the global key blocks
+are shared by all query blocks, not gathered; its logits are
+[batch, heads, num_blocks, b, K] in two parts of one softmax (never
+concatenated). The only quadratic-looking array is the
+[heads, num_blocks, num_blocks] table of random scores over BLOCKS.
 
 Differences from the LRA code (which wrapped the ITC kernel of the BigBird
 release): it drew the random blocks with numpy's global random state at trace
@@ -55,7 +57,7 @@ from flax import nnx
 
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
-from efficient_transformers.attention.local import masked_softmax, to_blocks
+from efficient_transformers.attention.local import masked_exp_parts, masked_softmax, to_blocks
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import (
@@ -125,6 +127,7 @@ class _Layout(NamedTuple):
   global_ids: np.ndarray  # [g'] sorted, distinct
   ids: jax.Array  # [heads, nb, S] int32, S = w' + g' + r'; the random slots are data
   valid: np.ndarray  # [nb, S] bool
+  window_slots: int  # w'
 
 
 def _global_ids(num_blocks: int, num_global_blocks: int) -> np.ndarray:
@@ -170,7 +173,7 @@ def _layout(num_blocks, heads, num_window_blocks, num_global_blocks, num_random_
   valid = np.concatenate(
     [window_valid, np.ones((nb, len(global_ids)), bool), np.arange(r) < counts[:, None]], axis=1
   )
-  return _Layout(global_ids, ids, valid)
+  return _Layout(global_ids, ids, valid, window.shape[1])
 
 
 def bigbird_key_blocks(
@@ -255,23 +258,38 @@ def bigbird_pattern(
 def _sparse_rows(qb, kb, vb, keep_b, lay, rows, scale):
   """Window + global + random attention for the query blocks `rows` (a slice); [B, m, b, H, D].
 
-  One per-head gather collects every key block a query block sees into
-  [B, H, m, S * b, D] (S = w' + g' + r' slots); masked slots (outside the
-  sequence, a window block that is global, a random slot without a candidate)
-  point at some block and are excluded by the validity mask.
+  The window and random slots (S' = w' + r' per query block) are gathered per
+  head into [B, H, m, S' b, D]; masked slots (outside the sequence, a window
+  block that is global, a random slot without a candidate) point at some block
+  and are excluded by the validity mask. The global key blocks are the same
+  for every query block, so they are not gathered: every query block meets
+  them as one shared [B, g' b, H, D] part of the same softmax.
   """
   heads = kb.shape[3]
+  w, g = lay.window_slots, len(lay.global_ids)
+  own = np.r_[0:w, w + g : lay.ids.shape[-1]]  # window and random slots
   qm = qb[:, rows]
-  ids, valid = lay.ids[:, rows], lay.valid[rows]  # [H, m, S], [m, S]
+  ids, valid = lay.ids[:, rows][..., own], lay.valid[rows][:, own]  # [H, m, S'], [m, S']
   head = np.arange(heads)[:, None, None]
-  kg, vg = (jnp.moveaxis(x, 3, 1)[:, head, ids] for x in (kb, vb))  # [B, H, m, S, b, D]
-  kg, vg = (x.reshape(*x.shape[:3], -1, x.shape[-1]) for x in (kg, vg))  # [B, H, m, S b, D]
-  keep = keep_b[:, ids] & valid[None, None, :, :, None]  # [B, H, m, S, b]
+  kg, vg = (jnp.moveaxis(x, 3, 1)[:, head, ids] for x in (kb, vb))  # [B, H, m, S', b, D]
+  kg, vg = (x.reshape(*x.shape[:3], -1, x.shape[-1]) for x in (kg, vg))  # [B, H, m, S' b, D]
+  keep = keep_b[:, ids] & valid[None, None, :, :, None]  # [B, H, m, S', b]
   keep = keep.reshape(*keep.shape[:3], 1, -1)
-
   logits = jnp.einsum("bnqhd,bhnkd->bhnqk", qm, kg, preferred_element_type=_F32) * scale
-  weights = masked_softmax(logits, keep).astype(vb.dtype)  # [B, H, m, b, S b]
-  return jnp.einsum("bhnqk,bhnkd->bnqhd", weights, vg)
+  parts = [(logits, keep)]
+  if g:
+    k_glob, v_glob = (x[:, lay.global_ids].reshape(x.shape[0], -1, *x.shape[3:]) for x in (kb, vb))
+    keep_glob = keep_b[:, lay.global_ids].reshape(keep_b.shape[0], 1, 1, 1, -1)
+    g_logits = jnp.einsum("bnqhd,bkhd->bhnqk", qm, k_glob, preferred_element_type=_F32) * scale
+    parts.append((g_logits, keep_glob))
+
+  exps, denom = masked_exp_parts(parts)  # one softmax over both parts, never concatenated
+  out = jnp.einsum("bhnqk,bhnkd->bnqhd", exps[0].astype(vb.dtype), vg, preferred_element_type=_F32)
+  if g:
+    out = out + jnp.einsum(
+      "bhnqk,bkhd->bnqhd", exps[1].astype(vb.dtype), v_glob, preferred_element_type=_F32
+    )
+  return (out / jnp.moveaxis(denom, 1, -2)).astype(vb.dtype)  # denom [B, H, m, b, 1]
 
 
 def _global_rows(qb, k, v, keep, lay, scale):

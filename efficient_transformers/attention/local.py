@@ -13,6 +13,9 @@ and O(L * b * (2n + 1)) memory per head, forward and backward (plain autodiff
 stores only the blocked logits). No [L, L] array is built.
 """
 
+import functools
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +57,39 @@ def masked_softmax(logits: jax.Array, keep: jax.Array) -> jax.Array:
   logits = jnp.where(keep, logits, masking.large_negative(_F32))
   weights = jax.nn.softmax(logits, axis=-1)
   return jnp.where(keep.any(axis=-1, keepdims=True), weights, 0.0)
+
+
+def masked_exp_parts(
+  parts: Sequence[tuple[jax.Array, jax.Array]],
+) -> tuple[list[jax.Array], jax.Array]:
+  """One softmax over several key sets, without concatenating their logits.
+
+  The softmax of the concatenation of the parts' last axes, left unnormalized:
+  the caller sums `exps[i] @ values[i]` and divides the [..., head_dim] result
+  by `denom`. Normalizing the output instead of the weights keeps one
+  [..., keys] buffer per part under autodiff (the exponentials) instead of
+  logits, weights and their concatenation.
+
+  Args:
+    parts: (logits, keep) pairs; logits float32 [..., k_i], keep bool
+      broadcastable to the logits. All leading axes must broadcast together.
+
+  Returns:
+    (exps, denom): exps[i] like logits i, zero where not kept; denom
+    [..., 1], 1 for rows with no kept key (their exps are all zero, so their
+    output is zero, with finite gradients).
+  """
+  neg = masking.large_negative(_F32)
+  masked = [jnp.where(keep, logits, neg) for logits, keep in parts]
+  # The shift cancels in the ratio; no gradient needs to flow through it.
+  shift = jax.lax.stop_gradient(
+    functools.reduce(jnp.maximum, [m.max(axis=-1, keepdims=True) for m in masked])
+  )
+  exps = [
+    jnp.where(keep, jnp.exp(m - shift), 0.0) for m, (_, keep) in zip(masked, parts, strict=True)
+  ]
+  denom = functools.reduce(jnp.add, [e.sum(axis=-1, keepdims=True) for e in exps])
+  return exps, jnp.where(denom > 0, denom, 1.0)
 
 
 def local_pattern(

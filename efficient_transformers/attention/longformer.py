@@ -17,9 +17,11 @@ Computation, with g global positions: the sequence is cut into contiguous
 blocks of w tokens (a length that is not a multiple of w is padded internally;
 padded keys are masked and padded rows dropped); each query block meets its
 own and both neighboring blocks (causal: own and previous), masked exactly to
-|i - j| <= w, concatenated with the g gathered global keys (global keys are
-masked out of the window part, so none is counted twice). The g global rows
-are a separate dense pass over all keys, written over their rows. Cost per
+|i - j| <= w; the g gathered global keys form a second part of the same
+softmax (global keys are masked out of the window part, so none is counted
+twice; the two parts share one normalizer and are never concatenated). The
+g global rows are a separate dense pass of their g queries over all keys,
+written over their rows. Cost per
 head: O(L (3w + g) d) + O(g L d) time and O(L (3w + g)) + O(g L) memory,
 forward and backward (plain autodiff keeps only these logits). No [L, L]
 array is built.
@@ -42,7 +44,12 @@ from efficient_transformers.attention.base import (
   QKV_KERNEL_AXES,
   MultiHeadAttention,
 )
-from efficient_transformers.attention.local import masked_softmax, neighbor_blocks, to_blocks
+from efficient_transformers.attention.local import (
+  masked_exp_parts,
+  masked_softmax,
+  neighbor_blocks,
+  to_blocks,
+)
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_fits_sequence, check_positive_int
@@ -110,9 +117,8 @@ def longformer_pattern(
 
 
 def _global_rows(q_g, k_g, v_g, keep, positions, causal) -> jax.Array:
-  """Global queries (q_g at `positions`) over every key (k_g, v_g): [B, g, H, D]."""
-  qg = q_g[:, np.asarray(positions)]
-  logits = jnp.einsum("bghd,bkhd->bhgk", qg, k_g, preferred_element_type=_F32)
+  """Global queries q_g [B, g, H, D] (at `positions`) over every key (k_g, v_g): [B, g, H, D]."""
+  logits = jnp.einsum("bghd,bkhd->bhgk", q_g, k_g, preferred_element_type=_F32)
   logits = logits * (q_g.shape[-1] ** -0.5)  # [B, H, g, L]
   keep_rows = keep[:, None, None, :]
   if causal:
@@ -147,9 +153,10 @@ def longformer_attention(
     causal: query i sees keys j <= i only (also for global rows and columns).
     window: one-sided window w: query i sees keys with |i - j| <= w.
     global_positions: positions of the global tokens (duplicates ignored).
-    global_qkv: optional (q_g, k_g, v_g), each [batch, length, heads,
-      head_dim], used for the global rows (global queries over all keys);
-      None reuses q, k, v.
+    global_qkv: optional (q_g, k_g, v_g) for the global rows (global
+      queries over all keys): q_g [batch, g, heads, head_dim], the queries of
+      the g global positions in sorted order; k_g, v_g [batch, length, heads,
+      head_dim]. None reuses q, k, v.
 
   Returns:
     [batch, length, heads, head_dim] in q's dtype (softmax in float32). Rows
@@ -166,10 +173,11 @@ def longformer_attention(
   if k.shape[1] != length:
     raise ValueError(f"{_NAME}: self-attention only; q length {length} != kv length {k.shape[1]}.")
   if global_qkv is not None:
-    if len(global_qkv) != 3 or any(g.shape != q.shape for g in global_qkv):
+    want = [(batch, len(positions), *q.shape[2:]), k.shape, v.shape]
+    if len(global_qkv) != 3 or [tuple(getattr(g, "shape", ())) for g in global_qkv] != want:
       raise ValueError(
-        f"{_NAME}: global_qkv must be (q_g, k_g, v_g) shaped like q {q.shape}; got "
-        f"{[getattr(g, 'shape', None) for g in global_qkv]}."
+        f"{_NAME}: global_qkv must be (q_g, k_g, v_g) shaped {want} (q_g holds the "
+        f"global rows only); got {[getattr(g, 'shape', None) for g in global_qkv]}."
       )
   check_fits_sequence(_NAME, "window", window, length)
   _check_globals_fit(positions, length)
@@ -198,33 +206,29 @@ def longformer_attention(
   r = np.arange(w)[:, None]  # query position relative to its block's start
   c = offsets[0] * w + np.arange(len(offsets) * w)[None, :]  # key position, same origin
   band = (np.abs(r - c) <= w) & ((c <= r) if causal else True)  # [w, W], same for every block
-  keep_logits = keep_n[:, None, :, None, :] & band
+  parts = [(logits, keep_n[:, None, :, None, :] & band)]
 
   if g:
-    # Global columns: every query against the g global keys (ordinary k, v).
+    # Global columns: every query against the g global keys (ordinary k, v), in
+    # the same softmax as the window (two parts, never concatenated).
     kg, vg = k[:, g_idx], v[:, g_idx]  # [B, g, H, D]
-    g_logits = jnp.einsum("bqhd,bghd->bhqg", pad_to(q, padded), kg, preferred_element_type=_F32)
-    g_logits = (g_logits * scale).reshape(batch, q.shape[2], num_blocks, w, g)
+    g_logits = jnp.einsum("bnqhd,bghd->bhnqg", qb, kg, preferred_element_type=_F32) * scale
     g_keep = keep[:, g_idx][:, None, None, None, :]  # [B, 1, 1, 1, g]
     if causal:
       g_keep = g_keep & (g_idx[None, :] <= np.arange(padded)[:, None]).reshape(num_blocks, w, g)
-    logits = jnp.concatenate([logits, g_logits], axis=-1)
-    keep_logits = jnp.concatenate(
-      [
-        jnp.broadcast_to(keep_logits, (*keep_logits.shape[:4], keep_logits.shape[-1])),
-        jnp.broadcast_to(g_keep, (*keep_logits.shape[:4], g)),
-      ],
-      axis=-1,
-    )
+    parts.append((g_logits, g_keep))
 
-  weights = masked_softmax(logits, keep_logits).astype(v.dtype)
-  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., : kn.shape[2]], vn)
+  exps, denom = masked_exp_parts(parts)
+  out = jnp.einsum("bhnqk,bnkhd->bnqhd", exps[0].astype(v.dtype), vn, preferred_element_type=_F32)
   if g:
-    out = out + jnp.einsum("bhnqg,bghd->bnqhd", weights[..., kn.shape[2] :], vg)
+    out = out + jnp.einsum(
+      "bhnqg,bghd->bnqhd", exps[1].astype(v.dtype), vg, preferred_element_type=_F32
+    )
+  out = out / jnp.moveaxis(denom, 1, -2)  # [B, H, nb, w, 1] -> [B, nb, w, H, 1]
   out = out.reshape(batch, padded, *q.shape[2:])[:, :length]
 
   if g:
-    q_g, k_g, v_g = (q, k, v) if global_qkv is None else global_qkv
+    q_g, k_g, v_g = (q[:, g_idx], k, v) if global_qkv is None else global_qkv
     rows = _global_rows(q_g, k_g, v_g, keep, positions, causal)
     out = out.at[:, g_idx].set(rows.astype(out.dtype))
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
@@ -287,7 +291,10 @@ class LongformerAttention(MultiHeadAttention):
     q, k, v = self.query(x), self.key(x), self.value(x)
     global_qkv = None
     if self.global_positions:
-      global_qkv = (self.query_global(x), self.key_global(x), self.value_global(x))
+      _check_globals_fit(self.global_positions, x.shape[1])  # before the gather below
+      # Only the g global rows need global queries.
+      rows = x[:, np.asarray(self.global_positions)]
+      global_qkv = (self.query_global(rows), self.key_global(x), self.value_global(x))
     out = longformer_attention(
       q,
       k,

@@ -15,19 +15,24 @@ union, with a single softmax over it (the head-splitting variants are not
 implemented). The original LRA code emulated these patterns with a dense
 [L, L] mask; nothing here is quadratic:
 
-  fixed:   per query block, its own l keys concatenated with the gathered
-           summary keys [num_blocks * c] (a mask says which summary blocks
-           the query block may see). Time O(L (l + c L / l) d), memory
-           O(L (l + c L / l)) per head.
+  fixed:   per query block, its own l keys and the gathered summary keys
+           [num_blocks * c] (a mask says which summary blocks the query
+           block may see), in chunks of query blocks by a rematerialized
+           loop. Time O(L (l + c L / l) d); memory O(L d) stored for the
+           backward pass plus O(m l (l + c L / l)) for one chunk of m
+           query blocks at a time.
   strided: the local window from the own and neighboring blocks of length l,
            concatenated with the keys of the query's residue class mod l
            (a strided reshape). Time O(L (3l + L / l) d), memory
            O(L (3l + L / l)) per head: O(L^1.5) at l ~ sqrt(L).
 
 Overlaps between the two key sets are masked in one of them, so no key is
-counted twice. Gradients are plain autodiff, which stores only these blocked
-logits.
+counted twice; the two sets share one softmax normalizer and are never
+concatenated. Gradients are autodiff (through the rematerialized loop for the
+fixed pattern; storing the blocked exponentials for the strided one).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +43,7 @@ from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.local import (
   check_fits_sequence,
   check_positive_int,
-  masked_softmax,
+  masked_exp_parts,
   neighbor_blocks,
   pad_to,
   to_blocks,
@@ -99,40 +104,61 @@ def sparse_pattern(
   return keep
 
 
+# Query blocks per step of the fixed pattern's loop: about 1K queries at LRA's
+# block 50, so a step's summary logits stay small.
+_FIXED_CHUNK_BLOCKS = 20
+
+
 def _fixed(q, k, v, keep, causal, b, c):
-  """Blocked fixed pattern; lengths are a multiple of b. Returns [B, L, H, D]."""
+  """Blocked fixed pattern; lengths are a multiple of b. Returns [B, L, H, D].
+
+  The query blocks are processed in chunks by a rematerialized loop: the
+  summary logits ([L, c L / l], superlinear in L at a fixed l) exist for one
+  chunk at a time, forward and backward, instead of being stored for the
+  backward pass.
+  """
   batch, length = q.shape[:2]
   num_blocks = length // b
-  qb, kb, vb = (to_blocks(x, b) for x in (q, k, v))  # [B, nb, b, H, D]
+  kb, vb = (to_blocks(x, b) for x in (k, v))  # [B, nb, b, H, D]
   keep_b = to_blocks(keep, b)  # [B, nb, b]
   # Summary keys: the last c positions of every block, [B, nb * c, ...].
   ks, vs = (x[:, :, b - c :].reshape(batch, num_blocks * c, *x.shape[3:]) for x in (kb, vb))
   keep_s = keep_b[:, :, b - c :].reshape(batch, num_blocks * c)
+  s_block = jnp.arange(num_blocks * c) // c  # the block of each summary key
+  scale = q.shape[-1] ** -0.5
 
-  local = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kb, preferred_element_type=_F32)
-  summary = jnp.einsum("bnqhd,bshd->bhnqs", qb, ks, preferred_element_type=_F32)
-  logits = jnp.concatenate([local, summary], axis=-1) * (q.shape[-1] ** -0.5)
+  # Chunks of m query blocks; the block count is padded up to a multiple of m
+  # with masked blocks whose rows are dropped.
+  m = min(_FIXED_CHUNK_BLOCKS, num_blocks)
+  chunks = -(-num_blocks // m)
+  qb, kbp, vbp, keep_bp = (
+    pad_to(x, chunks * m).reshape(batch, chunks, m, *x.shape[2:]).swapaxes(0, 1)
+    for x in (to_blocks(q, b), kb, vb, keep_b)
+  )  # [chunks, B, m, b, ...]
+  block_ids = jnp.arange(chunks * m).reshape(chunks, m)
 
-  keep_local = keep_b[:, None, :, None, :]  # [B, 1, nb, 1, b]
-  if causal:
-    keep_local = keep_local & jnp.tril(jnp.ones((b, b), bool))
-  # The own block's summaries are already among its local keys.
-  q_block = jnp.arange(num_blocks)[:, None]
-  s_block = jnp.arange(num_blocks * c)[None, :] // c
-  seen = s_block < q_block if causal else s_block != q_block  # [nb, nb * c]
-  keep_summary = keep_s[:, None, None, None, :] & seen[None, None, :, None, :]
-  shape = logits.shape[:-1]
-  keep_all = jnp.concatenate(
-    [
-      jnp.broadcast_to(keep_local, shape + (b,)),
-      jnp.broadcast_to(keep_summary, shape + (num_blocks * c,)),
-    ],
-    axis=-1,
-  )
-  weights = masked_softmax(logits, keep_all).astype(v.dtype)
-  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., :b], vb)
-  out = out + jnp.einsum("bhnqs,bshd->bnqhd", weights[..., b:], vs)
-  return out.reshape(q.shape)
+  @jax.checkpoint
+  def chunk(ks, vs, xs):
+    qc, kc, vc, keep_c, ids = xs
+    local = jnp.einsum("bnqhd,bnkhd->bhnqk", qc, kc, preferred_element_type=_F32) * scale
+    summary = jnp.einsum("bnqhd,bshd->bhnqs", qc, ks, preferred_element_type=_F32) * scale
+    keep_local = keep_c[:, None, :, None, :]  # [B, 1, m, 1, b]
+    if causal:
+      keep_local = keep_local & jnp.tril(jnp.ones((b, b), bool))
+    # The own block's summaries are already among its local keys.
+    seen = s_block[None, :] < ids[:, None] if causal else s_block[None, :] != ids[:, None]
+    keep_summary = keep_s[:, None, None, None, :] & seen[None, None, :, None, :]
+    # One softmax over both key sets, never concatenated (see masked_exp_parts).
+    exps, denom = masked_exp_parts([(local, keep_local), (summary, keep_summary)])
+    out = jnp.einsum("bhnqk,bnkhd->bnqhd", exps[0].astype(v.dtype), vc, preferred_element_type=_F32)
+    out = out + jnp.einsum(
+      "bhnqs,bshd->bnqhd", exps[1].astype(v.dtype), vs, preferred_element_type=_F32
+    )
+    return (out / jnp.moveaxis(denom, 1, -2)).astype(v.dtype)
+
+  out = jax.lax.map(functools.partial(chunk, ks, vs), (qb, kbp, vbp, keep_bp, block_ids))
+  out = out.swapaxes(0, 1).reshape(batch, chunks * m * b, *q.shape[2:])
+  return out[:, :length]
 
 
 def _strided(q, k, v, keep, causal, b):
@@ -146,34 +172,28 @@ def _strided(q, k, v, keep, causal, b):
   kr, vr = (to_blocks(x, b).swapaxes(1, 2) for x in (k, v))  # [B, b, nb, H, D]
   keep_r = to_blocks(keep, b).swapaxes(1, 2)  # [B, b, nb]
 
-  local = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kn, preferred_element_type=_F32)
-  strided = jnp.einsum("barhd,brchd->bharc", qb, kr, preferred_element_type=_F32)
-  logits = jnp.concatenate([local, strided], axis=-1) * (q.shape[-1] ** -0.5)
+  scale = q.shape[-1] ** -0.5
+  local = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kn, preferred_element_type=_F32) * scale
+  strided = jnp.einsum("barhd,brchd->bharc", qb, kr, preferred_element_type=_F32) * scale
 
-  q_pos = jnp.arange(b)[:, None]
-  k_pos = offsets[0] * b + jnp.arange(len(offsets) * b)[None, :]
-  window = jnp.abs(q_pos - k_pos) < b
+  q_pos = np.arange(b)[:, None]
+  k_pos = offsets[0] * b + np.arange(len(offsets) * b)[None, :]
+  window = np.abs(q_pos - k_pos) < b
   if causal:
     window = window & (k_pos <= q_pos)
   keep_local = keep_n[:, None, :, None, :] & window  # [B, 1, nb, b, W]
   # Same residue, other block: j = i itself is a local key already.
-  a = jnp.arange(num_blocks)[:, None]
-  cb = jnp.arange(num_blocks)[None, :]
+  a = np.arange(num_blocks)[:, None]
+  cb = np.arange(num_blocks)[None, :]
   seen = cb < a if causal else cb != a  # [nb(a), nb(c)]
   keep_strided = keep_r[:, None, None, :, :] & seen[None, None, :, None, :]
-  shape = logits.shape[:-1]
-  keep_all = jnp.concatenate(
-    [
-      jnp.broadcast_to(keep_local, shape + (len(offsets) * b,)),
-      jnp.broadcast_to(keep_strided, shape + (num_blocks,)),
-    ],
-    axis=-1,
+  # One softmax over both key sets, never concatenated (see masked_exp_parts).
+  exps, denom = masked_exp_parts([(local, keep_local), (strided, keep_strided)])
+  out = jnp.einsum("bhnqk,bnkhd->bnqhd", exps[0].astype(v.dtype), vn, preferred_element_type=_F32)
+  out = out + jnp.einsum(
+    "bharc,brchd->barhd", exps[1].astype(v.dtype), vr, preferred_element_type=_F32
   )
-  weights = masked_softmax(logits, keep_all).astype(v.dtype)
-  width = len(offsets) * b
-  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., :width], vn)
-  out = out + jnp.einsum("bharc,brchd->barhd", weights[..., width:], vr)
-  return out.reshape(q.shape)
+  return (out / jnp.moveaxis(denom, 1, -2)).reshape(q.shape)
 
 
 def sparse_attention(
