@@ -1,10 +1,12 @@
 """The LRA suite runner: a grid that skips, resumes, records failures and writes Table 1.
 
-One tiny ListOps grid is run once for the module, in the order a user would
-meet it: a cell run alone as a cluster job (local, made to fail), a softmax
-cell whose training was cut short, the whole grid (local retried and failing
-again, softmax resumed), then the grid again (softmax skipped). One trained
-cell keeps the file to about a minute of CPU: each cell compiles its model.
+One tiny 2 x 2 grid (ListOps and generated Pathfinder-32, local and softmax)
+is run once for the module, in the order a user would meet it: a cell run
+alone as a cluster job (ListOps local, made to fail), a ListOps softmax cell
+whose training was cut short, the whole grid (local retried and failing again
+on ListOps, softmax resumed, the Pathfinder cells trained), then the grid
+again (finished cells skipped). Each cell compiles its model: about two
+minutes of CPU for the file.
 """
 
 import contextlib
@@ -21,20 +23,25 @@ from efficient_transformers.training import train_and_evaluate
 
 # tests/helpers.py's tiny_config as runner overrides: seconds per cell.
 TINY = [
-  "data.num_train=96", "data.num_val=20", "data.num_test=20", "data.min_length=5",
-  "data.max_length=32", "model.max_length=32", "model.num_layers=1", "model.emb_dim=16",
+  "listops:data.num_train=96", "listops:data.num_val=20", "listops:data.num_test=20",
+  "listops:data.min_length=5", "listops:data.max_length=32", "listops:model.max_length=32",
+  # 60 generated 32 x 32 images: 48 / 6 / 6 (the seeded 80/10/10 split).
+  "pathfinder:data.num_images=60",
+  "model.num_layers=1", "model.emb_dim=16",
   "model.qkv_dim=16", "model.mlp_dim=32", "model.classifier_dim=16", "model.num_heads=2",
   "batch_size=8", "num_train_steps=4", "eval_every_steps=2", "checkpoint_every_steps=2",
   "log_every_steps=1", "optimizer.warmup_steps=1",
-  # A cell that cannot build its model (blocks longer than the 33 positions): recorded as
-  # failed, and the grid goes on.
+  # A cell that cannot build its model (blocks longer than ListOps' 33 positions): recorded as
+  # failed, and the grid goes on. Pathfinder's 1,024 pixels take the same blocks.
   "local:model.attention_kwargs.block_size=1000",
 ]  # fmt: skip
-GRID = ["--tasks=listops", "--attentions=local,softmax", "--smoke"]
+TASKS = ["listops", "pathfinder"]
+GRID = [f"--tasks={','.join(TASKS)}", "--attentions=local,softmax", "--smoke"]
 
 
 def _overrides(tmp):
-  return ["--config_overrides", f"data_dir={tmp / 'data'}", *TINY]
+  data = [f"{task}:data_dir={tmp / 'data' / task}" for task in TASKS]
+  return ["--config_overrides", *data, *TINY]
 
 
 def _train_steps(workdir):
@@ -59,7 +66,7 @@ def grid(tmp_path_factory):
   logs["dirs_after_cell"] = sorted(os.listdir(root / "listops"))
   logs["report_after_cell"] = (root / "results.md").exists()
   # 2. A softmax run stopped at step 2 of 4: checkpoints, no results.json.
-  overrides = lra.parse_overrides([f"data_dir={tmp / 'data'}", *TINY], ["listops", "local"])
+  overrides = lra.parse_overrides(_overrides(tmp)[1:], [*TASKS, "local"])
   config = lra.cell_config("listops", "softmax", smoke=True, overrides=overrides)
   config.num_train_steps = 2
   train_and_evaluate(config, str(root / "listops" / "softmax"))
@@ -108,8 +115,12 @@ def test_grid_resumes_a_stopped_cell_and_records_a_failed_one(grid):
   assert "traceback" not in failed  # A UserError: its message alone.
   assert "listops:local: FAILED: attention 'local': block_size=1000" in err
   assert "Rerun the command to retry them" in err
-  # The failure came first and the grid went on.
+  # The failure came first and the grid went on, through the second task.
   assert err.index("listops:local: FAILED") < err.index("listops:softmax: test accuracy")
+  assert err.index("listops:softmax: test accuracy") < err.index("pathfinder:local: test accuracy")
+  for name in ("local", "softmax"):
+    record = _cell(root, "pathfinder", name)
+    assert record["status"] == "finished" and record["num_train_steps"] == 4
 
 
 def test_rerun_retries_failed_cells_and_skips_finished(grid):
@@ -118,9 +129,14 @@ def test_rerun_retries_failed_cells_and_skips_finished(grid):
   rc, _, err = logs["rerun"]
   assert rc == 1
   assert "listops:local: failed before (" in err and "retrying" in err
-  assert "listops:softmax: finished before, skipped" in err
+  for cell in ("listops:softmax", "pathfinder:local", "pathfinder:softmax"):
+    assert f"{cell}: finished before, skipped" in err
   assert (root / "listops" / "softmax" / "results.json").stat().st_mtime_ns == logs["softmax_mtime"]
   assert _train_steps(root / "listops" / "softmax") == [1, 2, 3, 4]
+
+
+def _cell(root, task, name):
+  return json.loads((root / task / name / "cell.json").read_text())
 
 
 def test_results_table_csv_and_plot(grid):
@@ -128,29 +144,50 @@ def test_results_table_csv_and_plot(grid):
   md = (root / "results.md").read_text()
   assert md.strip() in logs["rerun"][1]  # Also printed.
   lines = md.splitlines()
-  assert "| Attention | LRA model | ListOps | Avg |" in lines
+  assert "| Attention | LRA model | ListOps | Pathfinder | Avg |" in lines
   rows = [line for line in lines if line.startswith("| ") and "LRA model" not in line]
-  softmax = json.loads((root / "listops" / "softmax" / "cell.json").read_text())
-  acc = f"{softmax['test_accuracy'] * 100:.2f}"
-  # Rows in the order asked for; the published figure beside ours; the average.
-  assert rows[0] == "| local | Local Attention | FAILED (15.82) | - |"
-  assert rows[1] == f"| softmax | Transformer | {acc} (36.37) | {acc} (36.37) |"
+  acc = {
+    (task, name): _cell(root, task, name)["test_accuracy"] * 100
+    for task, name in [("listops", "softmax"), ("pathfinder", "softmax"), ("pathfinder", "local")]
+  }
+  soft_avg = (acc["listops", "softmax"] + acc["pathfinder", "softmax"]) / 2
+  # Rows in the order asked for; the published figure beside ours; the average over the
+  # finished tasks, and how many of the grid's tasks it covers.
+  local_pf = f"{acc['pathfinder', 'local']:.2f}"
+  assert rows[0] == (
+    f"| local | Local Attention | FAILED (15.82) | {local_pf} (66.63) | {local_pf} (66.63) "
+    "[1/2 tasks] |"
+  )
+  assert rows[1] == (
+    f"| softmax | Transformer | {acc['listops', 'softmax']:.2f} (36.37) | "
+    f"{acc['pathfinder', 'softmax']:.2f} (71.40) | {soft_avg:.2f} ({(36.37 + 71.40) / 2:.2f}) |"
+  )
+  softmax = _cell(root, "listops", "softmax")
   assert f"Device: {softmax['device_kind']} (" in md
   assert "block_size=1000 is larger" in md  # The failed cell's error in the per-cell table.
   with open(root / "results.csv") as f:
     table = list(csv.DictReader(f))
   assert [r["attention"] for r in table] == ["local", "softmax"]
   local, soft = table
-  assert local["listops"] == "FAILED" and local["avg"] == ""
+  assert local["listops"] == "FAILED"
+  assert float(local["avg"]) == pytest.approx(acc["pathfinder", "local"], abs=1e-3)
   assert float(local["listops_published"]) == 15.82
-  assert float(soft["listops"]) == pytest.approx(softmax["test_accuracy"] * 100)
+  assert float(soft["listops"]) == pytest.approx(acc["listops", "softmax"], abs=1e-3)
+  assert float(soft["pathfinder"]) == pytest.approx(acc["pathfinder", "softmax"], abs=1e-3)
   assert float(soft["listops_published"]) == 36.37
-  assert float(soft["avg"]) == pytest.approx(softmax["test_accuracy"] * 100)
-  assert float(soft["avg_published"]) == 36.37
-  assert float(soft["memory_mib"]) == pytest.approx(softmax["memory_mib"], rel=1e-5)
+  assert float(soft["pathfinder_published"]) == 71.40
+  assert float(soft["avg"]) == pytest.approx(soft_avg, abs=1e-3)  # The CSV keeps 4 decimals.
+  assert float(soft["avg_published"]) == pytest.approx((36.37 + 71.40) / 2)
+  memory = [_cell(root, task, "softmax")["memory_mib"] for task in TASKS]
+  assert float(soft["memory_mib"]) == pytest.approx(sum(memory) / 2, rel=1e-5)
   with open(root / "results_cells.csv") as f:
-    statuses = {r["attention"]: r["status"] for r in csv.DictReader(f)}
-  assert statuses == {"local": "failed", "softmax": "finished"}
+    statuses = {(r["task"], r["attention"]): r["status"] for r in csv.DictReader(f)}
+  assert statuses == {
+    ("listops", "local"): "failed",
+    ("listops", "softmax"): "finished",
+    ("pathfinder", "local"): "finished",
+    ("pathfinder", "softmax"): "finished",
+  }
   assert (root / "results_plot.png").stat().st_size > 1000
 
 
@@ -167,7 +204,7 @@ def test_report_only_rebuilds_from_finished_cells(grid, capsys):
   assert lra.main([f"--workdir={root}", "--report_only"]) == 0
   rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
   assert rows[1].startswith("| softmax | Transformer |")
-  assert rows[2] == "| local | Local Attention | FAILED (15.82) | - |"
+  assert rows[2].startswith("| local | Local Attention | FAILED (15.82) | ")
 
 
 def test_print_commands_gives_one_job_per_cell(grid, capsys, tmp_path):
@@ -175,11 +212,12 @@ def test_print_commands_gives_one_job_per_cell(grid, capsys, tmp_path):
   argv = [f"--workdir={root}", *GRID, *_overrides(tmp_path)]
   assert lra.main([*argv, "--print_commands"]) == 0
   lines = capsys.readouterr().out.splitlines()
-  assert len(lines) == 2
-  for line, name in zip(lines, ("local", "softmax"), strict=True):
+  cells = [(task, name) for task in TASKS for name in ("local", "softmax")]
+  assert len(lines) == len(cells) == 4
+  for line, (task, name) in zip(lines, cells, strict=True):
     words = shlex.split(line)
     assert words[:3] == ["python", "-m", "efficient_transformers.benchmarks.lra"]
-    assert f"--cell=listops:{name}" in words and "--smoke" in words
+    assert f"--cell={task}:{name}" in words and "--smoke" in words
     assert words[words.index("--config_overrides") + 1 :] == _overrides(tmp_path)[1:]
   assert not (tmp_path / "data").exists()  # Printing runs nothing.
 
