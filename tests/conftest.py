@@ -2,8 +2,12 @@
 
 import os
 
+# The tests' tiny models spend their time compiling, not running: LLVM's optimization
+# level 0 cuts CPU compile time by about a quarter. It changes code generation only, not
+# XLA's buffer assignment, so the tests' compiled-memory figures are the same.
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests are small; keep TF-datasets and absl quiet and off the network.

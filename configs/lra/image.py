@@ -29,7 +29,8 @@ Validation is a seeded 10% (5,000) of the 50,000 training images
 (data.split_seed, data.validation_fraction), as LRA's 90/10 split; test is
 TFDS's test split (10,000).
 
-Config args (comma-separated): smoke, attention=NAME.
+Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
+at a time with a recurrent memory: model kind "segmented").
 """
 
 import ml_collections
@@ -39,7 +40,7 @@ from efficient_transformers.training import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
-    arg, {"smoke": False, "attention": "softmax"}, config_file="configs/lra/image.py"
+    arg, {"smoke": False, "attention": "softmax", "segment": 0}, config_file="configs/lra/image.py"
   )
   # The TFDS data directory (holds cifar10/3.0.2/).
   c = config_lib.lra_base(task="image", attention=args["attention"], data_dir="data/tfds")
@@ -87,4 +88,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.attention_dropout_rate = 0.0
     c.log_every_steps = 50
     c.optimizer.learning_rate = 1e-3
-  return config_lib.finish(c, smoke=args["smoke"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])

@@ -16,7 +16,8 @@ sinusoidal positions, CLS pooling. (The paper's appendix lists 6 layers / 512 /
 The data (96K/2K/2K) is generated on first use into `data_dir` with a fixed
 seed, or read from there if the original release's TSV files are present.
 
-Config args (comma-separated): smoke, attention=NAME.
+Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
+at a time with a recurrent memory: model kind "segmented").
 """
 
 import ml_collections
@@ -26,7 +27,9 @@ from efficient_transformers.training import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
-    arg, {"smoke": False, "attention": "softmax"}, config_file="configs/lra/listops.py"
+    arg,
+    {"smoke": False, "attention": "softmax", "segment": 0},
+    config_file="configs/lra/listops.py",
   )
   c = config_lib.lra_base(task="listops", attention=args["attention"], data_dir="data/lra/listops")
 
@@ -57,4 +60,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every_steps = 200
     c.checkpoint_every_steps = 200
     c.optimizer.warmup_steps = 40
-  return config_lib.finish(c, smoke=args["smoke"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])

@@ -26,7 +26,8 @@ wide as the model's (32). The code's per-model configs differ from one another
 heads; its Linformer 1 layer and 2 heads); we keep one setting for every
 attention so that only the attention differs.
 
-Config args (comma-separated): smoke, attention=NAME, resolution=32|64|128|256,
+Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
+at a time with a recurrent memory: model kind "segmented"), resolution=32|64|128|256,
 difficulty=easy|intermediate|hard (curv_baseline, curv_contour_length_9,
 curv_contour_length_14). LRA's Pathfinder is resolution 32, hard.
 """
@@ -40,7 +41,7 @@ from efficient_transformers.training import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
     arg,
-    {"smoke": False, "attention": "softmax", "resolution": 32, "difficulty": "hard"},
+    {"smoke": False, "attention": "softmax", "segment": 0, "resolution": 32, "difficulty": "hard"},
     config_file="configs/lra/pathfinder.py",
   )
   pathfinder.check_params(args["resolution"], args["difficulty"])
@@ -98,4 +99,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 15
     c.model.dropout_rate = 0.0
     c.model.attention_dropout_rate = 0.0
-  return config_lib.finish(c, smoke=args["smoke"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])

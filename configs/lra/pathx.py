@@ -22,7 +22,8 @@ learning rate 1e-3 with linear warmup 2,500 (one epoch) and cosine decay,
 weight decay 0, gradient clipping at global norm 1.0. Every model in LRA failed
 this task (chance, 50%).
 
-Config args (comma-separated): smoke, attention=NAME. The smoke variant keeps
+Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
+at a time with a recurrent memory: model kind "segmented"). The smoke variant keeps
 Path-X's model and optimizer but reads the Pathfinder smoke set (2,000
 generated 32 px images, in data/lra/pathfinder_smoke): 16K-token sequences do
 not train in a CPU minute.
@@ -37,7 +38,7 @@ RESOLUTION = 128
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
-    arg, {"smoke": False, "attention": "softmax"}, config_file="configs/lra/pathx.py"
+    arg, {"smoke": False, "attention": "softmax", "segment": 0}, config_file="configs/lra/pathx.py"
   )
   # Holds pathfinder128/ as in the LRA release.
   c = config_lib.lra_base(task="pathx", attention=args["attention"], data_dir="data/lra/pathfinder")
@@ -91,4 +92,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 15
     c.model.dropout_rate = 0.0
     c.model.attention_dropout_rate = 0.0
-  return config_lib.finish(c, smoke=args["smoke"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])

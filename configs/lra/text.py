@@ -28,7 +28,8 @@ Validation is a seeded 10% of the 25,000 training reviews (data.split_seed,
 data.validation_fraction); test is TFDS's test split. The original code
 validated on the test set, so its model selection saw the test data.
 
-Config args (comma-separated): smoke, attention=NAME, length=N (bytes per review; default
+Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
+at a time with a recurrent memory: model kind "segmented"), length=N (bytes per review; default
 1000, smoke 256).
 """
 
@@ -41,7 +42,7 @@ from efficient_transformers.training import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
     arg,
-    {"smoke": False, "attention": "softmax", "length": 0},
+    {"smoke": False, "attention": "softmax", "segment": 0, "length": 0},
     config_file="configs/lra/text.py",
   )
   if args["length"] < 0:
@@ -73,4 +74,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every_steps = 150
     c.checkpoint_every_steps = 150
     c.optimizer.warmup_steps = 30
-  return config_lib.finish(c, smoke=args["smoke"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])

@@ -144,3 +144,72 @@ def eval_batches(
   num_batches = -(-num // global_batch_size)
   dataset = grain.MapDataset.range(num_batches).map(make_batch)
   return dataset.to_iter_dataset(read_options or _READ_OPTIONS)
+
+
+def task_train_iterator(
+  task,
+  *,
+  global_batch_size: int,
+  seed: int,
+  sequence_length: int,
+  process_index: int = 0,
+  process_count: int = 1,
+):
+  """The training iterator a task needs: shuffled examples, or ordered stream segments.
+
+  Args:
+    task: a `tasks.TaskData`.
+    global_batch_size: rows per step summed over processes.
+    seed: the example order's seed (stream tasks are ordered: unused).
+    sequence_length: tokens per row and step of a stream task (unused otherwise).
+    process_index: this process, in [0, process_count).
+    process_count: the number of data-loading processes.
+
+  Returns:
+    An endless iterator of per-process batches with get_state() / set_state().
+  """
+  if task.stream:
+    from efficient_transformers.data.byte_lm import StreamIterator
+
+    return StreamIterator(
+      task.splits["train"]["tokens"],
+      global_batch_size=global_batch_size,
+      segment_length=sequence_length,
+      process_index=process_index,
+      process_count=process_count,
+    )
+  return train_iterator(
+    task.splits["train"],
+    global_batch_size=global_batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
+
+
+def task_eval_batches(
+  task,
+  split: str,
+  *,
+  global_batch_size: int,
+  sequence_length: int,
+  process_index: int = 0,
+  process_count: int = 1,
+):
+  """One pass over `split` as a task needs it (see `task_train_iterator` for the arguments)."""
+  if task.stream:
+    from efficient_transformers.data.byte_lm import StreamEvalBatches
+
+    return StreamEvalBatches(
+      task.splits[split]["tokens"],
+      global_batch_size=global_batch_size,
+      segment_length=sequence_length,
+      process_index=process_index,
+      process_count=process_count,
+    )
+  return eval_batches(
+    task.splits[split],
+    global_batch_size=global_batch_size,
+    process_index=process_index,
+    process_count=process_count,
+  )

@@ -40,10 +40,22 @@ class _LazySplits(Mapping):
 
 @dataclasses.dataclass(frozen=True)
 class TaskData:
+  """A task's data and what training needs to know about it.
+
+  Example tasks (the LRA classifiers) hold equally long example arrays per
+  split, batched by `pipeline.train_iterator` / `eval_batches`. Stream tasks
+  (`stream=True`, language modelling) hold one token stream per split
+  ({"tokens": [n], ...}), batched in order by `pipeline.stream_*`.
+  """
+
   name: str
   vocab_size: int
   num_classes: int
   splits: Mapping[str, dict[str, np.ndarray]]
+  stream: bool = False
+  # The validation metric that picks the best checkpoint, and whether higher is better.
+  best_metric: str = "accuracy"
+  best_mode: str = "max"
 
 
 _TASKS: dict[str, Callable[[ml_collections.ConfigDict], TaskData]] = {}
@@ -136,6 +148,13 @@ def _retrieval(config: ml_collections.ConfigDict, *, generate: bool) -> TaskData
   from efficient_transformers.data import retrieval
 
   return retrieval.load_task(config, generate=generate)
+
+
+@register("byte_lm")
+def _byte_lm(config: ml_collections.ConfigDict, *, generate: bool) -> TaskData:
+  from efficient_transformers.data import byte_lm
+
+  return byte_lm.load_task(config, generate=generate)
 
 
 @register("pathfinder")

@@ -14,6 +14,10 @@ from jax.sharding import PartitionSpec
 
 LogicalAxes = Sequence[str | None]
 
+# Activations [batch, length, features] get names of their own: "embed" shards
+# parameters over fsdp, while the activation batch already uses that mesh axis.
+ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
+
 
 def param_axes(*names: str | None) -> dict:
   """Variable metadata naming a parameter's logical axes.

@@ -10,22 +10,14 @@ from flax import nnx
 
 from efficient_transformers import attention
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.layers import FeedForward, TokenEmbedding, constrain, param_axes
-
-# Activations get names of their own: "embed" shards parameters over fsdp, while
-# the activation batch already uses that mesh axis.
-ACTIVATION_AXES = ("activation_batch", "activation_length", "activation_embed")
-
-
-def layer_norm(features: int, *, rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
-  return nnx.LayerNorm(
-    features,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    scale_metadata=param_axes("embed"),
-    bias_metadata=param_axes("embed"),
-    rngs=rngs,
-  )
+from efficient_transformers.layers import (
+  ACTIVATION_AXES,
+  FeedForward,
+  TokenEmbedding,
+  constrain,
+  layer_norm,
+  param_axes,
+)
 
 
 class EncoderBlock(nnx.Module):

@@ -70,19 +70,19 @@ def _damaged(step: int, where: str, error: Exception) -> str:
   return message
 
 
-def _first_json_diff(stored, given, prefix="") -> str | None:
-  """The first key at which two JSON values differ, or None if they are equal."""
+def _json_diffs(stored, given, prefix="") -> list[str]:
+  """Every key at which two JSON values differ, in sorted key order."""
   if isinstance(stored, dict) and isinstance(given, dict):
+    diffs = []
     for key in sorted(set(stored) | set(given)):
       if key not in stored or key not in given:
-        return f"{prefix}{key} (only in {'stored' if key in stored else 'current'})"
-      diff = _first_json_diff(stored[key], given[key], f"{prefix}{key}.")
-      if diff:
-        return diff
-    return None
+        diffs.append(f"{prefix}{key} (only in {'stored' if key in stored else 'current'})")
+      else:
+        diffs += _json_diffs(stored[key], given[key], f"{prefix}{key}.")
+    return diffs
   if stored != given:
-    return f"{prefix.rstrip('.') or '<root>'}: stored {stored!r}, current {given!r}"
-  return None
+    return [f"{prefix.rstrip('.') or '<root>'}: stored {stored!r}, current {given!r}"]
+  return []
 
 
 class Checkpointer:
@@ -358,9 +358,13 @@ class Checkpointer:
     """Raises CheckpointError naming how the checkpoint differs from this run."""
     hint = f"Checkpoint {where} does not match this run"
     if self._fingerprint is not None and fingerprint is not None:
-      diff = _first_json_diff(fingerprint, self._fingerprint)
-      if diff:
-        raise CheckpointError(f"{hint}: fingerprint differs at {diff}. To fix, {_FRESH}.")
+      diffs = _json_diffs(fingerprint, self._fingerprint)
+      if diffs:
+        # All of them: a model of another kind (e.g. another memory type) differs in
+        # several keys, and the one that names the kind may not sort first.
+        raise CheckpointError(
+          f"{hint}: fingerprint differs at {'; '.join(diffs)}. To fix, {_FRESH}."
+        )
     is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
     stored = {
       _path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(meta, is_leaf=is_meta)

@@ -126,22 +126,7 @@ def lra_base(*, task: str, attention: str, data_dir: str) -> ml_collections.Conf
   decay 0.1, learning rate 0.05 x linear warmup x rsqrt decay, dropout 0.1,
   sinusoidal positions, CLS pooling.
   """
-  c = ml_collections.ConfigDict()
-  c.task = task
-  c.seed = 0
-  c.data_dir = data_dir
-  c.batch_size = 32
-  c.num_train_steps = 5_000
-  c.log_every_steps = 50
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
-  c.max_checkpoints_to_keep = 3
-  c.num_eval_batches = -1  # -1 = the whole split.
-  c.init_from = ""  # A checkpoint directory to start from when the workdir has none.
-
-  c.data = ml_collections.ConfigDict()  # The task's own keys.
-
-  c.model = ml_collections.ConfigDict()
+  c = training_base(task=task, data_dir=data_dir)
   c.model.kind = "classifier"  # classifier | dual_encoder
   c.model.attention = attention
   c.model.attention_kwargs = ml_collections.ConfigDict()  # Set by `finish`.
@@ -156,6 +141,30 @@ def lra_base(*, task: str, attention: str, data_dir: str) -> ml_collections.Conf
   c.model.positional = "sinusoidal"  # sinusoidal | learned
   c.model.pooling = "cls"  # cls | mean
   c.model.max_length = 2_000
+  return c
+
+
+def training_base(*, task: str, data_dir: str) -> ml_collections.ConfigDict:
+  """The keys of every training config besides the model's: loop, optimizer, mesh.
+
+  The values are the original LRA code's ListOps/Text settings (see `lra_base`);
+  `c.data` and `c.model` are left for the task config to fill.
+  """
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  c.data_dir = data_dir
+  c.batch_size = 32
+  c.num_train_steps = 5_000
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.max_checkpoints_to_keep = 3
+  c.num_eval_batches = -1  # -1 = the whole split.
+  c.init_from = ""  # A checkpoint directory to start from when the workdir has none.
+
+  c.data = ml_collections.ConfigDict()  # The task's own keys.
+  c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
 
   c.optimizer = ml_collections.ConfigDict()
@@ -195,12 +204,32 @@ def smoke_model(c: ml_collections.ConfigDict) -> None:
   c.optimizer.weight_decay = 0.0
 
 
-def finish(c: ml_collections.ConfigDict, *, smoke: bool) -> ml_collections.ConfigDict:
-  """Fills in the attention's kwargs for the final model size, then locks the config."""
+# Memory vectors of the segment-by-segment classifier (`segment=N` config args).
+SEGMENTED_MEMORY_TOKENS = 8
+
+
+def finish(
+  c: ml_collections.ConfigDict, *, smoke: bool, segment: int = 0
+) -> ml_collections.ConfigDict:
+  """Fills in the attention's kwargs for the final model size, then locks the config.
+
+  With `segment` > 0 the model reads its input `segment` tokens at a time with
+  a recurrent memory (models.SegmentedClassifier, kind 'segmented'): the
+  attention spans one segment plus the memory vectors, whatever the input
+  length, and the head reads the final memory (mean over its vectors).
+  """
+  span = c.model.max_length + (c.model.pooling == "cls")
+  if segment < 0:
+    raise ConfigError(f"Config arg segment={segment} must be >= 1 (0: no segments).")
+  if segment:
+    c.model.kind = "segmented"
+    c.model.pooling = "mean"
+    c.model.segment_length = segment
+    c.model.num_memory_tokens = SEGMENTED_MEMORY_TOKENS
+    c.model.remat = True  # One segment's activations at a time in the backward pass.
+    span = segment + SEGMENTED_MEMORY_TOKENS
   c.model.attention_kwargs = attention_defaults(
-    c.model.attention,
-    smoke=smoke,
-    sequence_length=c.model.max_length + (c.model.pooling == "cls"),
+    c.model.attention, smoke=smoke, sequence_length=span
   )
   return finalize(c)
 

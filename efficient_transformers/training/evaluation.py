@@ -1,5 +1,6 @@
 """Evaluation over a whole split, and what identifies a model for checkpoints."""
 
+import math
 from collections.abc import Callable, Iterable
 
 import jax
@@ -36,6 +37,40 @@ def evaluate(
     "loss": float(totals["loss_sum"]) / count,
     "accuracy": float(totals["correct_sum"]) / count,
     "num_examples": float(totals["count"]),
+  }
+
+
+def evaluate_stream(
+  compiled_eval_step: Callable,
+  params: dict,
+  memory: dict,
+  batches: Iterable[dict[str, np.ndarray]],
+  batch_sharding,
+  *,
+  max_batches: int = -1,
+) -> dict[str, float]:
+  """Next-token loss over an ordered stream, the memory carried from batch to batch.
+
+  `memory` is the empty memory to start from (its length may exceed the
+  training one); it is consumed. Returns loss (nats per token), accuracy,
+  bits_per_byte (= loss / ln 2: one token is one byte) and num_tokens.
+  """
+  totals = None
+  for i, local in enumerate(batches):
+    if 0 <= max_batches <= i:
+      break
+    sums, memory = compiled_eval_step(params, memory, sharding.global_batch(local, batch_sharding))
+    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+  if totals is None:
+    return {"loss": float("nan"), "accuracy": float("nan"), "bits_per_byte": float("nan")}
+  totals = jax.device_get(totals)
+  count = max(float(totals["count"]), 1.0)
+  loss = float(totals["loss_sum"]) / count
+  return {
+    "loss": loss,
+    "accuracy": float(totals["correct_sum"]) / count,
+    "bits_per_byte": loss / math.log(2),
+    "num_tokens": float(totals["count"]),
   }
 
 

@@ -5,11 +5,13 @@ Shared by training and evaluation, so both restore the same abstract state.
 
 import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -31,7 +33,16 @@ def build_model(
     dtype = jnp.dtype(model_cfg.dtype)
   except TypeError:
     raise ConfigError(f"config.model.dtype={model_cfg.dtype!r} is not a dtype.") from None
-  return models.MODELS[model_cfg.kind](
+  cls = models.MODELS[model_cfg.kind]
+  if model_cfg.kind not in ("classifier", "dual_encoder"):
+    return cls(
+      **_declared_kwargs(cls, model_cfg),
+      vocab_size=vocab_size,
+      rngs=rngs,
+      **({"num_classes": num_classes} if "num_classes" in _parameters(cls) else {}),
+      dtype=None if dtype == jnp.float32 else dtype,
+    )
+  return cls(
     num_classes=num_classes,
     pooling=model_cfg.pooling,
     classifier_dim=model_cfg.classifier_dim,
@@ -52,6 +63,42 @@ def build_model(
   )
 
 
+# Config keys whose constructor argument has another name.
+_RENAMED = {"attention_name": "attention"}
+
+
+def _parameters(cls) -> dict[str, inspect.Parameter]:
+  return dict(inspect.signature(cls.__init__).parameters)
+
+
+def _declared_kwargs(cls, model_cfg: ml_collections.ConfigDict) -> dict:
+  """The constructor keywords of `cls` that config.model sets, by name.
+
+  Models beyond the two LRA classifiers declare their hyperparameters as
+  keyword arguments; config.model holds the same names (`attention` for
+  `attention_name`), so a new model needs no code here. A required keyword the
+  config lacks is a ConfigError naming it.
+  """
+  out = {}
+  for name, param in _parameters(cls).items():
+    if name in ("self", "vocab_size", "num_classes", "rngs", "dtype", "param_dtype"):
+      continue
+    if param.kind not in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+      continue
+    key = _RENAMED.get(name, name)
+    if key in model_cfg:
+      value = model_cfg[key]
+      out[name] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    elif param.default is param.empty:
+      raise ConfigError(f"config.model.{key} is required by model kind {model_cfg.kind!r}.")
+  return out
+
+
+def is_recurrent(model_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the model carries a memory between steps (its state then holds it)."""
+  return hasattr(models.MODELS.get(model_cfg.kind), "init_memory")
+
+
 @dataclasses.dataclass
 class TrainSetup:
   """Everything static about a run: mesh, model structure, optimizer, shardings."""
@@ -68,6 +115,10 @@ class TrainSetup:
   init_params: Callable[[], dict]  # Creates the params already sharded.
   num_params: int
   rules: tuple
+  # Recurrent models: (global batch size, memory kwargs) -> empty memory, sharded on
+  # the batch axis; None for models without memory.
+  init_memory: "_MemoryInitializer | None" = None
+  bptt_segments: int = 1
 
   def context(self):
     """The mesh and logical-axis rules that activation constraints resolve against."""
@@ -84,15 +135,30 @@ class TrainSetup:
 
   def compile_train_step(self, batch_spec: dict, *, seed: int, grad_accum_steps: int = 1):
     """The train step compiled ahead of time, state donated: (state, batch) -> (state, metrics)."""
-    fn = steps.make_train_step(
-      graphdef=self.graphdef,
-      rest=self.rest,
-      tx=self.tx,
-      schedule=self.schedule,
-      input_names=self.input_names,
-      seed=seed,
-      grad_accum_steps=grad_accum_steps,
-    )
+    if self.init_memory is not None:
+      if grad_accum_steps != 1:
+        raise ConfigError(
+          "config.optimizer.grad_accum_steps must be 1 for a recurrent-memory model: its "
+          "memory rows follow the batch rows from step to step."
+        )
+      fn = steps.make_recurrent_train_step(
+        graphdef=self.graphdef,
+        rest=self.rest,
+        tx=self.tx,
+        schedule=self.schedule,
+        seed=seed,
+        bptt_segments=self.bptt_segments,
+      )
+    else:
+      fn = steps.make_train_step(
+        graphdef=self.graphdef,
+        rest=self.rest,
+        tx=self.tx,
+        schedule=self.schedule,
+        input_names=self.input_names,
+        seed=seed,
+        grad_accum_steps=grad_accum_steps,
+      )
     with self.context():
       return (
         jax.jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
@@ -100,8 +166,23 @@ class TrainSetup:
         .compile()
       )
 
-  def compile_eval_step(self, batch_spec: dict):
-    """The eval step compiled for batches shaped like `batch_spec` (plus a weight field)."""
+  def compile_eval_step(self, batch_spec: dict, memory: dict | None = None):
+    """The eval step compiled for batches shaped like `batch_spec`.
+
+    Classifiers: (params, batch with a weight field) -> sums. Recurrent models:
+    (params, memory, batch) -> (sums, memory), for a memory shaped like `memory`.
+    """
+    if self.init_memory is not None:
+      fn = steps.make_recurrent_eval_step(graphdef=self.graphdef, rest=self.rest)
+      abstract_memory = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), memory
+      )
+      with self.context():
+        return (
+          jax.jit(fn, donate_argnums=1)
+          .lower(self.abstract_state["params"], abstract_memory, batch_spec)
+          .compile()
+        )
     spec = dict(batch_spec)
     first = next(iter(batch_spec.values()))
     spec["weight"] = jax.ShapeDtypeStruct(
@@ -178,6 +259,13 @@ def make_setup(
     "opt_state": abs_opt,
     "step": jax.ShapeDtypeStruct((), jnp.int32),
   }
+  init_memory = None
+  if hasattr(abstract_model, "init_memory"):
+    batch_axes = sharding.batch_sharding(mesh, rules).spec[0]
+    init_memory = _MemoryInitializer(abstract_model, mesh, batch_axes)
+    memory = init_memory.abstract(config.batch_size)
+    state_shardings["memory"] = jax.tree.map(lambda x: x.sharding, memory)
+    abstract["memory"] = memory
   abstract_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings
   )
@@ -195,7 +283,48 @@ def make_setup(
     init_params=init_params,
     num_params=num_params,
     rules=rules,
+    init_memory=init_memory,
+    bptt_segments=int(config.model.get("bptt_segments") or 1),
   )
+
+
+class _MemoryInitializer:
+  """Makes a recurrent model's empty memory, sharded like the batch on its batch axis.
+
+  The batch axis of each memory entry is found by shape (the axis that grows
+  with the batch size), so a memory layout needs no declaration here.
+  """
+
+  def __init__(self, abstract_model, mesh: Mesh, batch_axes):
+    self._model = abstract_model
+    self._mesh = mesh
+    self._batch_axes = batch_axes  # The mesh axes of the batch dimension.
+
+  def abstract(self, batch_size: int, **lengths) -> dict:
+    """ShapeDtypeStructs of the memory, with their shardings."""
+    memory = jax.eval_shape(lambda: self._model.init_memory(batch_size, **lengths))
+    bigger = jax.eval_shape(lambda: self._model.init_memory(batch_size + 1, **lengths))
+
+    def with_sharding(x, y):
+      spec = [None] * x.ndim
+      for axis, (a, b) in enumerate(zip(x.shape, y.shape, strict=True)):
+        if a != b:
+          spec[axis] = self._batch_axes
+          break
+      return jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(self._mesh, PartitionSpec(*spec))
+      )
+
+    return jax.tree.map(with_sharding, memory, bigger)
+
+  def __call__(self, batch_size: int, **lengths) -> dict:
+    """The empty memory (zeros; validity flags False), placed on the mesh."""
+    return zeros_like_abstract(self.abstract(batch_size, **lengths))
+
+
+def zeros_like_abstract(tree):
+  """Zeros (False for bools) shaped and placed like a tree of ShapeDtypeStructs."""
+  return jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), tree)
 
 
 def init_state(setup: TrainSetup, params: dict | None = None) -> dict:
@@ -204,4 +333,7 @@ def init_state(setup: TrainSetup, params: dict | None = None) -> dict:
     params = setup.init_params()
   opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), setup.state_shardings["step"])
-  return {"params": params, "opt_state": opt_state, "step": step}
+  state = {"params": params, "opt_state": opt_state, "step": step}
+  if setup.init_memory is not None:
+    state["memory"] = zeros_like_abstract(setup.abstract_state["memory"])
+  return state

@@ -37,6 +37,16 @@ def classification_sums(
   }
 
 
+def lm_sums(logits: jax.Array, targets: jax.Array) -> dict[str, jax.Array]:
+  """Next-token sums over the real targets: id 0 (stream padding) counts nowhere.
+
+  logits [batch, length, vocab], targets [batch, length]; `count` is the
+  number of predicted tokens, so loss_sum / count is nats per token.
+  """
+  weights = (targets != 0).astype(jnp.float32)
+  return classification_sums(logits, targets, weights)
+
+
 def _apply_model(graphdef, params, rest, batch, input_names, *, deterministic, dropout_key=None):
   # Fresh Variables for this trace: the closed-over `rest` was made outside it,
   # and reseeding must not mutate state owned by another trace level.
@@ -107,23 +117,90 @@ def make_train_step(
         ),
       )
       (sums, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
-    count = jnp.maximum(sums["count"], 1.0)
-    grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    metrics = {
-      # Real (non-padding) input tokens, for tokens/s.
-      "tokens": sum(jnp.sum(batch[n] != 0) for n in input_names).astype(jnp.float32),
-      "loss": sums["loss_sum"] / count,
-      "accuracy": sums["correct_sum"] / count,
-      "learning_rate": schedule(step),
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(new_params),
-      "update_norm": optax.global_norm(updates),
-    }
-    return {"params": new_params, "opt_state": opt_state, "step": step + 1}, metrics
+    tokens = sum(jnp.sum(batch[n] != 0) for n in input_names)
+    return _update(tx, schedule, state, sums, grads, tokens)
 
   return train_step
+
+
+def _update(tx, schedule, state, sums, grads, tokens):
+  """The optimizer update from summed gradients, and the step's metrics."""
+  params, step = state["params"], state["step"]
+  count = jnp.maximum(sums["count"], 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_params = optax.apply_updates(params, updates)
+  metrics = {
+    "tokens": tokens.astype(jnp.float32),  # Real (non-padding) input tokens, for tokens/s.
+    "loss": sums["loss_sum"] / count,
+    "accuracy": sums["correct_sum"] / count,
+    "learning_rate": schedule(step),
+    "grad_norm": optax.global_norm(grads),
+    "param_norm": optax.global_norm(new_params),
+    "update_norm": optax.global_norm(updates),
+  }
+  return {**state, "params": new_params, "opt_state": opt_state, "step": step + 1}, metrics
+
+
+def make_recurrent_train_step(
+  *,
+  graphdef: nnx.GraphDef,
+  rest: nnx.State,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  seed: int,
+  bptt_segments: int,
+) -> Callable:
+  """train_step(state, batch) -> (state, metrics) for a recurrent-memory LM.
+
+  The state carries the model's memory ({"memory": ...}) from step to step,
+  so it is checkpointed with the parameters and a resumed run goes on with
+  the same memory. The batch is {"inputs", "targets": [batch, length],
+  "reset": [batch]}: each row continues its stream from the previous step;
+  rows with reset=True start over with an empty memory. The length is
+  `bptt_segments` model segments, run in order with gradients through the
+  memory between them (the Transformer-XL kinds stop them anyway); the memory
+  kept for the next step carries no gradient. Auxiliary losses (the
+  compressive memory's attention reconstruction) are added to the loss,
+  weighted per predicted token like it.
+  """
+  base_key = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
+
+  def train_step(state, batch):
+    step_key = jax.random.fold_in(base_key, state["step"])
+
+    def loss_fn(p):
+      model = nnx.merge(graphdef, p, jax.tree.map(lambda x: x, rest))
+      nnx.reseed(model, dropout=step_key)
+      logits, memory, aux = model.run(
+        batch["inputs"],
+        state["memory"],
+        reset=batch["reset"],
+        bptt_segments=bptt_segments,
+        deterministic=False,
+      )
+      sums = lm_sums(logits, batch["targets"])
+      aux_total = sum(aux.values(), jnp.zeros((), jnp.float32))
+      return sums["loss_sum"] + aux_total * sums["count"], (sums, memory, aux)
+
+    (_, (sums, memory, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    new_state, metrics = _update(tx, schedule, state, sums, grads, jnp.sum(batch["inputs"] != 0))
+    new_state["memory"] = jax.lax.stop_gradient(memory)
+    metrics.update({f"aux_{name}": value for name, value in aux.items()})
+    return new_state, metrics
+
+  return train_step
+
+
+def make_recurrent_eval_step(*, graphdef: nnx.GraphDef, rest: nnx.State) -> Callable:
+  """eval_step(params, memory, batch) -> (sums, memory): one segment, memory carried."""
+
+  def eval_step(params, memory, batch):
+    model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
+    logits, memory, _ = model.run(batch["inputs"], memory, reset=batch["reset"])
+    return lm_sums(logits, batch["targets"]), memory
+
+  return eval_step
 
 
 def make_eval_step(

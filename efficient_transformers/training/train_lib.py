@@ -21,7 +21,11 @@ from jax.experimental import multihost_utils
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError, ConfigError, UserError
 from efficient_transformers.training import checkpointing, sharding, state
-from efficient_transformers.training.evaluation import evaluate, model_fingerprint
+from efficient_transformers.training.evaluation import (
+  evaluate,
+  evaluate_stream,
+  model_fingerprint,
+)
 from efficient_transformers.training.metrics import MetricWriter
 
 # config.data keys that change how data is read, not which batches are made.
@@ -112,6 +116,30 @@ def _check_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
       )
 
 
+def stream_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(train, eval) tokens per row and step of a stream task: the train step runs
+  config.model.bptt_segments segments of config.model.segment_length, evaluation one."""
+  segment = config.model.get("segment_length") or 0
+  return segment * int(config.model.get("bptt_segments") or 1), segment
+
+
+def eval_memory_lengths(config: ml_collections.ConfigDict) -> dict:
+  """Memory sizes for evaluation: config.model.eval_mem_len (> 0) overrides mem_len."""
+  eval_mem_len = config.model.get("eval_mem_len", 0)
+  return {"mem_len": eval_mem_len} if eval_mem_len and eval_mem_len > 0 else {}
+
+
+def batch_fields(task: tasks.TaskData, rows: int, length: int) -> dict[str, np.ndarray]:
+  """Example arrays shaped like a task's batch rows (for the abstract batch)."""
+  if not task.stream:
+    return task.splits["train"]
+  return {
+    "inputs": np.zeros((rows, length), np.int32),
+    "targets": np.zeros((rows, length), np.int32),
+    "reset": np.zeros((rows,), bool),
+  }
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir`; returns the final validation metrics."""
   # Signals are caught from the start: one arriving during data generation or
@@ -138,10 +166,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     multihost_utils.sync_global_devices("data ready")
   if process_index != 0:
     task = tasks.load(config)
-  train_iter = pipeline.train_iterator(
-    task.splits["train"],
+  train_length, eval_length = stream_lengths(config)
+  train_iter = pipeline.task_train_iterator(
+    task,
     global_batch_size=config.batch_size,
     seed=config.seed,
+    sequence_length=train_length,
     process_index=process_index,
     process_count=process_count,
   )
@@ -149,17 +179,25 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   task.splits["validation"]  # Read now: a bad file should fail before training, not at step N.
 
   def validation_batches():
-    return pipeline.eval_batches(
-      task.splits["validation"],
+    return pipeline.task_eval_batches(
+      task,
+      "validation",
       global_batch_size=config.batch_size,
+      sequence_length=eval_length,
       process_index=process_index,
       process_count=process_count,
     )
 
   # ---------------------------------------------------------------- Mesh, model, shardings.
+  if task.stream != state.is_recurrent(config.model):
+    raise ConfigError(
+      f"config.model.kind={config.model.kind!r} does not fit task {config.task!r}: a "
+      "language-model task needs a model with a memory interface (kind='decoder_lm'), a "
+      "classification task a classifier."
+    )
   setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
   _check_layout(config, setup.mesh)
-  fields = set(task.splits["train"])
+  fields = set(batch_fields(task, 1, train_length))
   if not set(setup.input_names) <= fields:
     raise ConfigError(
       f"config.model.kind={config.model.kind!r} reads {list(setup.input_names)}, but task "
@@ -171,16 +209,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     jax.device_count(),
     jax.devices()[0].device_kind,
     config.model.kind,
-    config.model.attention,
+    config.model.get("attention") or f"{config.model.get('memory')} memory",
     setup.num_params,
   )
 
   # ---------------------------------------------------------------- Update step (compiled AOT).
-  batch_spec = setup.batch_spec(task.splits["train"], config.batch_size)
+  batch_spec = setup.batch_spec(batch_fields(task, 1, train_length), config.batch_size)
   compiled_train_step = setup.compile_train_step(
     batch_spec, seed=config.seed, grad_accum_steps=config.optimizer.grad_accum_steps
   )
-  eval_step = setup.compile_eval_step(batch_spec)
+  if task.stream:
+    eval_spec = setup.batch_spec(batch_fields(task, 1, eval_length), config.batch_size)
+    eval_memory = eval_memory_lengths(config)
+    eval_step = setup.compile_eval_step(
+      eval_spec, memory=setup.init_memory.abstract(config.batch_size, **eval_memory)
+    )
+  else:
+    eval_step = setup.compile_eval_step(batch_spec)
   memory = compiled_train_step.memory_analysis()
   if memory is not None:
     logging.info(
@@ -192,7 +237,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   # ---------------------------------------------------------------- Checkpoint: resume or start.
   fingerprint = model_fingerprint(config, task)
   ckpt = checkpointing.Checkpointer(
-    workdir, max_to_keep=config.max_checkpoints_to_keep, fingerprint=fingerprint
+    workdir,
+    max_to_keep=config.max_checkpoints_to_keep,
+    fingerprint=fingerprint,
+    best_metric=task.best_metric,
+    best_mode=task.best_mode,
   )
   # What fixes the sequence of training batches; a resume must not change it.
   data_order = {
@@ -290,13 +339,23 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     is_last = step == config.num_train_steps
     t_pause = time.perf_counter()
     if step % config.eval_every_steps == 0 or is_last:
-      last_eval = evaluate(
-        eval_step,
-        train_state["params"],
-        validation_batches(),
-        setup.batch_sharding,
-        max_batches=config.num_eval_batches,
-      )
+      if task.stream:
+        last_eval = evaluate_stream(
+          eval_step,
+          train_state["params"],
+          setup.init_memory(config.batch_size, **eval_memory),
+          validation_batches(),
+          setup.batch_sharding,
+          max_batches=config.num_eval_batches,
+        )
+      else:
+        last_eval = evaluate(
+          eval_step,
+          train_state["params"],
+          validation_batches(),
+          setup.batch_sharding,
+          max_batches=config.num_eval_batches,
+        )
       last_eval_step = step
       writer.write(step, "validation", last_eval)
       save(step, metrics=last_eval)  # Every evaluation may be the best.

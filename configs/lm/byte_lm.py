@@ -1,0 +1,112 @@
+r"""Byte-level language modelling with a recurrent memory (Transformer-XL and successors).
+
+Run:
+  python train.py --config=configs/lm/byte_lm.py --workdir=workdirs/byte_lm
+  python train.py --config=configs/lm/byte_lm.py:smoke --workdir=workdirs/byte_lm_smoke
+  python train.py --config=configs/lm/byte_lm.py:memory=rmt,smoke --workdir=...
+  python train.py --config=configs/lm/byte_lm.py:corpus=enwik8 --workdir=...
+  python eval.py  --config=configs/lm/byte_lm.py --workdir=workdirs/byte_lm  # bits_per_byte
+
+Memory (`memory=`): none (a plain causal decoder over each segment),
+transformer_xl (Dai et al. 2019), compressive (Rae et al. 2020), rmt (Bulatov
+et al. 2022).
+
+Data (`corpus=`): `stdlib` (default) is built offline, deterministically, from
+this Python's standard-library sources into data_dir on first use; `enwik8`
+and `text8` are read from the file the user places in data_dir (the standard
+90M / 5M / 5M split). See efficient_transformers/data/byte_lm.py.
+
+Settings follow the Transformer-XL release's enwik8 base script: 12 layers,
+512 wide, 8 heads of 64, inner 2048, dropout 0.1, Adam at 2.5e-4 with a cosine
+decay, gradient clip 0.25, segments of 512 with a memory of 512, batch 22,
+400K steps; evaluation uses segments of 128 and a longer memory
+(`model.eval_mem_len`, 2,100 in the release). Compressive: a compressed
+memory of 512 at rate 3 (the paper's); RMT: 10 memory tokens, gradients
+through 2 segments per step.
+
+Config args (comma-separated): smoke, memory=NAME, corpus=stdlib|enwik8|text8.
+"""
+
+import ml_collections
+
+from efficient_transformers.errors import ConfigError
+from efficient_transformers.training import config_lib
+
+MEMORIES = ("none", "transformer_xl", "compressive", "rmt")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = config_lib.parse_arg(
+    arg,
+    {"smoke": False, "memory": "transformer_xl", "corpus": "stdlib"},
+    config_file="configs/lm/byte_lm.py",
+  )
+  if args["memory"] not in MEMORIES:
+    raise ConfigError(
+      f"configs/lm/byte_lm.py: memory={args['memory']!r} is unknown; valid: {', '.join(MEMORIES)}."
+    )
+  c = config_lib.training_base(task="byte_lm", data_dir=f"data/lm/{args['corpus']}")
+  c.data.corpus = args["corpus"]
+  c.data.max_bytes = 16 * 2**20  # stdlib only: the corpus cap (the whole stdlib is ~12 MB).
+  c.data.split_seed = 0  # stdlib only: the key of the per-file train/validation/test split.
+
+  c.model.kind = "decoder_lm"
+  c.model.memory = args["memory"]
+  c.model.num_layers = 12
+  c.model.emb_dim = 512
+  c.model.num_heads = 8
+  c.model.qkv_dim = 512
+  c.model.mlp_dim = 2048
+  c.model.dropout_rate = 0.1
+  c.model.attention_dropout_rate = 0.0
+  c.model.segment_length = 512
+  # Segments per train step, with gradients through the memory between them
+  # (RMT); the Transformer-XL kinds stop gradients at the memory anyway.
+  c.model.bptt_segments = 2 if args["memory"] == "rmt" else 1
+  xl = args["memory"] in ("transformer_xl", "compressive")
+  c.model.mem_len = 512 if xl else 0
+  c.model.eval_mem_len = 2_100 if xl else 0  # 0 = the training mem_len.
+  c.model.cmem_len = 512 if args["memory"] == "compressive" else 0
+  c.model.compression = "conv"  # conv | mean | max
+  c.model.compression_rate = 3 if args["memory"] == "compressive" else 1
+  c.model.num_memory_tokens = 10 if args["memory"] == "rmt" else 0
+
+  c.batch_size = 22
+  c.num_train_steps = 400_000
+  c.log_every_steps = 200
+  c.eval_every_steps = 4_000
+  c.checkpoint_every_steps = 4_000
+  c.num_eval_batches = -1
+  c.optimizer.learning_rate = 2.5e-4
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 0
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.grad_clip_norm = 0.25
+
+  if args["smoke"]:
+    # Minutes on a laptop CPU.
+    c.data_dir = "data/lm/stdlib_smoke" if args["corpus"] == "stdlib" else c.data_dir
+    c.data.max_bytes = 2 * 2**20
+    c.model.num_layers = 2
+    c.model.emb_dim = 64
+    c.model.num_heads = 4
+    c.model.qkv_dim = 64
+    c.model.mlp_dim = 256
+    c.model.dropout_rate = 0.0
+    c.model.segment_length = 64
+    c.model.mem_len = 64 if xl else 0
+    c.model.eval_mem_len = 128 if xl else 0
+    c.model.cmem_len = 32 if args["memory"] == "compressive" else 0
+    c.model.compression_rate = 2 if args["memory"] == "compressive" else 1
+    c.model.num_memory_tokens = 4 if args["memory"] == "rmt" else 0
+    c.batch_size = 16
+    c.num_train_steps = 300
+    c.log_every_steps = 50
+    c.eval_every_steps = 150
+    c.checkpoint_every_steps = 150
+    c.num_eval_batches = 20
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = 20
+  return config_lib.finalize(c)

@@ -1,0 +1,278 @@
+"""A byte-level decoder language model with a choice of recurrent memory.
+
+`memory` selects the stack between the token embedding and the output head:
+
+  "none"            a plain pre-LN causal decoder (EncoderBlock, exact causal
+                    softmax attention); absolute sinusoidal positions from
+                    TokenEmbedding, restarting every segment; no memory ({}).
+  "transformer_xl"  TransformerXL: relative positions, memory of mem_len slots.
+  "compressive"     CompressiveTransformer: plus cmem_len compressed slots.
+  "rmt"             RecurrentMemoryTransformer: num_memory_tokens memory vectors.
+
+The output head is a separate (untied) Linear [emb_dim, vocab]: the token
+embedding is initialized with unit variance, which would make tied logits
+start with a spread of about sqrt(emb_dim).
+
+Token ids: byte + 1 in 1..256, 0 = padding (never attended to, never stored as
+valid memory); vocab_size 257.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from efficient_transformers.errors import ConfigError
+from efficient_transformers.layers import TokenEmbedding, layer_norm, param_axes
+from efficient_transformers.memory import (
+  CompressiveTransformer,
+  RecurrentMemoryTransformer,
+  TransformerXL,
+  reset_memory,
+  truncated_bptt,
+)
+from efficient_transformers.models.encoder import EncoderBlock
+
+MEMORY_KINDS = ("none", "transformer_xl", "compressive", "rmt")
+
+
+class CausalDecoder(nnx.Module):
+  """The memory="none" stack: causal EncoderBlocks and a final LayerNorm; memory is {}."""
+
+  def __init__(
+    self,
+    *,
+    num_layers: int,
+    features: int,
+    num_heads: int,
+    head_dim: int,
+    mlp_dim: int,
+    dropout_rate: float,
+    attention_dropout_rate: float,
+    rngs: nnx.Rngs,
+    dtype=None,
+    param_dtype=jnp.float32,
+  ):
+    self.blocks = nnx.List(
+      [
+        EncoderBlock(
+          features=features,
+          num_heads=num_heads,
+          head_dim=head_dim,
+          mlp_dim=mlp_dim,
+          attention_name="softmax",
+          attention_kwargs={},
+          dropout_rate=dropout_rate,
+          attention_dropout_rate=attention_dropout_rate,
+          causal=True,
+          rngs=rngs,
+          dtype=dtype,
+          param_dtype=param_dtype,
+        )
+        for _ in range(num_layers)
+      ]
+    )
+    self.final_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  def init_memory(self, batch_size: int) -> dict:
+    del batch_size
+    return {}
+
+  def call_with_aux(self, x, memory, *, mask=None, reset=None, deterministic=True):
+    """x [batch, seg, features] -> (y [batch, seg, features], {}, {})."""
+    del memory, reset
+    for block in self.blocks:
+      x = block(x, mask=mask, deterministic=deterministic)
+    return self.final_norm(x), {}, {}
+
+
+class DecoderLM(nnx.Module):
+  """Token ids [batch, seg] -> next-token logits [batch, seg, vocab], segment by segment.
+
+  Args:
+    vocab_size: 257 for bytes (id 0 = padding).
+    num_layers, emb_dim, num_heads, qkv_dim, mlp_dim: the stack's sizes
+      (head_dim = qkv_dim / num_heads).
+    segment_length: the longest segment a call accepts (the training length).
+    dropout_rate: residual, MLP and embedding dropout.
+    attention_dropout_rate: dropout on per-head attention outputs.
+    memory: one of MEMORY_KINDS.
+    mem_len: Transformer-XL / compressive memory slots per layer.
+    cmem_len, compression, compression_rate: the compressive memory.
+    num_memory_tokens: RMT memory vectors.
+  """
+
+  input_names = ("inputs",)
+
+  def __init__(
+    self,
+    *,
+    vocab_size: int = 257,
+    num_layers: int,
+    emb_dim: int,
+    num_heads: int,
+    qkv_dim: int,
+    mlp_dim: int,
+    segment_length: int,
+    dropout_rate: float = 0.1,
+    attention_dropout_rate: float = 0.0,
+    memory: str = "none",
+    mem_len: int = 0,
+    cmem_len: int = 0,
+    compression: str = "conv",
+    compression_rate: int = 1,
+    num_memory_tokens: int = 0,
+    rngs: nnx.Rngs,
+    dtype=None,
+    param_dtype=jnp.float32,
+  ):
+    if memory not in MEMORY_KINDS:
+      raise ConfigError(f"config.model.memory must be one of {MEMORY_KINDS}; got {memory!r}.")
+    if qkv_dim % num_heads:
+      raise ConfigError(
+        f"config.model.qkv_dim={qkv_dim} must be divisible by model.num_heads={num_heads}."
+      )
+    if not isinstance(segment_length, int) or segment_length < 1:
+      raise ConfigError(f"config.model.segment_length must be >= 1; got {segment_length!r}.")
+    if memory == "compressive" and compression_rate >= 1 and segment_length % compression_rate:
+      raise ConfigError(
+        f"config.model.segment_length={segment_length} must be a multiple of "
+        f"config.model.compression_rate={compression_rate}."
+      )
+    self.memory_kind = memory
+    self.segment_length = segment_length
+    self.dtype = dtype
+    self.embed = TokenEmbedding(
+      vocab_size,
+      emb_dim,
+      max_length=segment_length,
+      # Only the plain decoder takes absolute positions here; the memory stacks
+      # place positions themselves (relative, or over [read; segment; write]).
+      positional="sinusoidal" if memory == "none" else "none",
+      rngs=rngs,
+      param_dtype=param_dtype,
+    )
+    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+    sizes = dict(
+      num_layers=num_layers,
+      features=emb_dim,
+      num_heads=num_heads,
+      head_dim=qkv_dim // num_heads,
+      mlp_dim=mlp_dim,
+      dropout_rate=dropout_rate,
+      attention_dropout_rate=attention_dropout_rate,
+      rngs=rngs,
+      dtype=dtype,
+      param_dtype=param_dtype,
+    )
+    if memory == "none":
+      self.stack = CausalDecoder(**sizes)
+    elif memory == "transformer_xl":
+      self.stack = TransformerXL(mem_len=mem_len, **sizes)
+    elif memory == "compressive":
+      self.stack = CompressiveTransformer(
+        mem_len=mem_len,
+        cmem_len=cmem_len,
+        compression=compression,
+        compression_rate=compression_rate,
+        **sizes,
+      )
+    else:
+      self.stack = RecurrentMemoryTransformer(num_memory_tokens=num_memory_tokens, **sizes)
+    self.head = nnx.Linear(
+      emb_dim,
+      vocab_size,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_metadata=param_axes("embed", "vocab"),
+      bias_metadata=param_axes("vocab"),
+      rngs=rngs,
+    )
+
+  def init_memory(
+    self, batch_size: int, *, mem_len: int | None = None, cmem_len: int | None = None
+  ) -> dict:
+    """The empty memory of the chosen stack ({} for "none").
+
+    `mem_len` (Transformer-XL kinds) and `cmem_len` (compressive) override the
+    configured sizes, e.g. a longer memory at evaluation; kinds without such a
+    memory ignore them, so one evaluation config serves every kind.
+    """
+    lengths = {}
+    if self.memory_kind in ("transformer_xl", "compressive"):
+      lengths["mem_len"] = mem_len
+    if self.memory_kind == "compressive":
+      lengths["cmem_len"] = cmem_len
+    return self.stack.init_memory(batch_size, **lengths)
+
+  def __call__(
+    self,
+    ids: jax.Array,
+    memory: dict,
+    *,
+    reset: jax.Array | None = None,
+    deterministic: bool = True,
+  ) -> tuple[jax.Array, dict, dict]:
+    """One segment.
+
+    Args:
+      ids: [batch, seg] int token ids, seg <= segment_length (1 works, for
+        token-by-token scoring or generation with the Transformer-XL memory).
+      memory: from `init_memory` or the previous call.
+      reset: [batch] bool; rows set True start a new stream (memory emptied).
+      deterministic: disables dropout.
+
+    Returns:
+      (logits [batch, seg, vocab] float32, new_memory, aux) where aux maps
+      auxiliary-loss names to scalars ({"attention_reconstruction": ...} for
+      "compressive", else {}). Transformer-XL kinds stop gradients at the
+      memory; RMT does not (see `run` with bptt_segments).
+    """
+    mask = ids != 0
+    x = self.embed(ids)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    x = self.dropout(x, deterministic=deterministic)
+    y, new_memory, aux = self.stack.call_with_aux(
+      x, memory, mask=mask, reset=reset, deterministic=deterministic
+    )
+    return self.head(y).astype(jnp.float32), new_memory, aux
+
+  def run(
+    self,
+    ids: jax.Array,
+    memory: dict,
+    *,
+    segment_length: int | None = None,
+    reset: jax.Array | None = None,
+    bptt_segments: int | None = None,
+    deterministic: bool = True,
+  ) -> tuple[jax.Array, dict, dict]:
+    """A longer sequence, segment by segment through `__call__`.
+
+    Args:
+      ids: [batch, length] with length a multiple of `segment_length`.
+      memory: the memory before the first segment.
+      segment_length: defaults to the configured one; 1 = token by token.
+      reset: [batch] bool, applied before the first segment.
+      bptt_segments: RMT's truncation window (see memory.truncated_bptt);
+        None = backpropagate through every segment.
+
+    Returns:
+      (logits [batch, length, vocab], final memory, aux averaged over segments).
+    """
+    seg = self.segment_length if segment_length is None else segment_length
+    if ids.shape[1] % seg:
+      raise ConfigError(
+        f"Sequence length {ids.shape[1]} must be a multiple of the segment length {seg}."
+      )
+    segments = [ids[:, i : i + seg] for i in range(0, ids.shape[1], seg)]
+    if reset is not None:
+      memory = reset_memory(memory, reset)
+
+    def step(segment, mem):
+      return self(segment, mem, deterministic=deterministic)
+
+    results, memory = truncated_bptt(step, segments, memory, bptt_segments=bptt_segments)
+    logits = jnp.concatenate([logits for logits, _ in results], axis=1)
+    aux = {name: jnp.mean(jnp.stack([a[name] for _, a in results])) for name in results[0][1]}
+    return logits, memory, aux
