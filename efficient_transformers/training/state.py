@@ -24,7 +24,7 @@ from efficient_transformers.training import optimizers, sharding, steps
 def build_model(
   model_cfg: ml_collections.ConfigDict, *, vocab_size: int, num_classes: int, rngs: nnx.Rngs
 ) -> nnx.Module:
-  """The model named by `config.model.kind`, with the configured attention."""
+  """The model named by `config.model.kind` (a key of `models.MODELS`), built from config.model."""
   if model_cfg.kind not in models.MODELS:
     raise ConfigError(
       f"config.model.kind={model_cfg.kind!r} is unknown; valid: {', '.join(models.MODELS)}."
@@ -34,13 +34,16 @@ def build_model(
   except TypeError:
     raise ConfigError(f"config.model.dtype={model_cfg.dtype!r} is not a dtype.") from None
   cls = models.MODELS[model_cfg.kind]
+  compute_dtype = None if dtype == jnp.float32 else dtype
   if model_cfg.kind not in ("classifier", "dual_encoder"):
+    # Newer models take their hyperparameters by name from config.model.
+    extra = {"num_classes": num_classes} if "num_classes" in _parameters(cls) else {}
     return cls(
       **_declared_kwargs(cls, model_cfg),
+      **extra,
       vocab_size=vocab_size,
+      dtype=compute_dtype,
       rngs=rngs,
-      **({"num_classes": num_classes} if "num_classes" in _parameters(cls) else {}),
-      dtype=None if dtype == jnp.float32 else dtype,
     )
   return cls(
     num_classes=num_classes,
@@ -58,7 +61,7 @@ def build_model(
     dropout_rate=model_cfg.dropout_rate,
     attention_dropout_rate=model_cfg.attention_dropout_rate,
     positional=model_cfg.positional,
-    dtype=None if dtype == jnp.float32 else dtype,
+    dtype=compute_dtype,
     rngs=rngs,
   )
 
