@@ -11,7 +11,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -326,8 +325,15 @@ class _MemoryInitializer:
 
 
 def zeros_like_abstract(tree):
-  """Zeros (False for bools) shaped and placed like a tree of ShapeDtypeStructs."""
-  return jax.tree.map(lambda x: jax.device_put(np.zeros(x.shape, x.dtype), x.sharding), tree)
+  """Zeros (False for bools) shaped and placed like a tree of ShapeDtypeStructs.
+
+  Made by a jitted function with those output shardings, so every process of a
+  multi-host run creates only its own shards.
+  """
+  shardings = jax.tree.map(lambda x: x.sharding, tree)
+  return jax.jit(
+    lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree), out_shardings=shardings
+  )()
 
 
 def init_state(setup: TrainSetup, params: dict | None = None) -> dict:
