@@ -111,6 +111,11 @@ def test_validation_and_eval_report_bits_per_byte_below_the_unigram_entropy(xl_r
   entropy = byte_corpus.unigram_entropy_bits(train)
   assert 4.0 < entropy < 5.5
   assert test["bits_per_byte"] < entropy
+  # A longer evaluation memory than training's: the same checkpoint, no fingerprint clash.
+  longer = tiny_lm_config(tmp / "data")
+  longer.model.eval_mem_len = 96
+  again = eval_lib.evaluate_checkpoint(longer, str(tmp / "straight"), split="validation")
+  assert again["step"] == results["step"] and 0 < again["validation"]["bits_per_byte"] < 10
 
 
 def test_checkpoint_of_another_memory_type_is_refused(xl_runs):
@@ -148,8 +153,12 @@ def test_bad_memory_settings_are_config_errors(key, value, message, tmp_path):
     train_and_evaluate(config, str(tmp_path / "run"))
 
 
-def test_a_classifier_on_the_lm_task_is_a_config_error(tmp_path):
+@pytest.mark.parametrize("kind", ["classifier", "nope"])
+def test_a_classifier_on_the_lm_task_is_a_config_error(kind, tmp_path):
   config = tiny_lm_config(tmp_path / "data", steps=2)
-  with pytest.raises(ConfigError, match="model.kind"):
-    config.model.kind = "classifier"
+  config.model.kind = kind
+  message = "does not fit task 'byte_lm'" if kind == "classifier" else "is unknown; valid"
+  with pytest.raises(ConfigError, match=message):
     train_and_evaluate(config, str(tmp_path / "run"))
+  with pytest.raises(ConfigError, match=message):  # eval.py checks the same before building
+    eval_lib.evaluate_checkpoint(config, str(tmp_path / "run"))

@@ -19,8 +19,9 @@ and `text8` are read from the file the user places in data_dir (the standard
 Settings follow the Transformer-XL release's enwik8 base script: 12 layers,
 512 wide, 8 heads of 64, inner 2048, dropout 0.1, Adam at 2.5e-4 with a cosine
 decay, gradient clip 0.25, segments of 512 with a memory of 512, batch 22,
-400K steps; evaluation uses segments of 128 and a longer memory
-(`model.eval_mem_len`, 2,100 in the release). Compressive: a compressed
+400K steps; evaluation uses a longer memory (`model.eval_mem_len`, 2,100 in
+the release; it evaluated segments of 128, here evaluation segments are
+`model.segment_length` long). Compressive: a compressed
 memory of 512 at rate 3 (the paper's); RMT: 10 memory tokens, gradients
 through 2 segments per step.
 

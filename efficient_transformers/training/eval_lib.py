@@ -34,6 +34,7 @@ def evaluate_checkpoint(
 ) -> dict:
   """Restores checkpoint `which`, evaluates `split`, writes `workdir/results.json`."""
   task = tasks.load(config, generate=False)
+  state.check_model_fits_task(config.model, config.task, task.stream)
   setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
   ckpt = checkpointing.Checkpointer(
     workdir,

@@ -74,6 +74,20 @@ def evaluate_stream(
   }
 
 
+# config.model keys that change no parameter: dropout, the compute dtype, the
+# attention's kwargs (kernel choice, chunk sizes, hash rounds), the evaluation
+# memory length, gradient truncation and rematerialization.
+_NOT_IN_FINGERPRINT = (
+  "dropout_rate",
+  "attention_dropout_rate",
+  "dtype",
+  "attention_kwargs",
+  "eval_mem_len",
+  "bptt_segments",
+  "remat",
+)
+
+
 def model_fingerprint(config: ml_collections.ConfigDict, task) -> dict:
   """What must match for a checkpoint to belong to this model.
 
@@ -85,11 +99,7 @@ def model_fingerprint(config: ml_collections.ConfigDict, task) -> dict:
   # and the attention's keyword arguments (kernel choice, chunk sizes, hash
   # rounds). A kwarg that does change parameters changes their shapes, which the
   # checkpointer compares separately.
-  model = {
-    k: v
-    for k, v in config.model.to_dict().items()
-    if k not in ("dropout_rate", "attention_dropout_rate", "dtype", "attention_kwargs")
-  }
+  model = {k: v for k, v in config.model.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
   return {
     "task": config.task,
     "model": model,

@@ -101,6 +101,20 @@ def is_recurrent(model_cfg: ml_collections.ConfigDict) -> bool:
   return hasattr(models.MODELS.get(model_cfg.kind), "init_memory")
 
 
+def check_model_fits_task(model_cfg: ml_collections.ConfigDict, task_name: str, stream: bool):
+  """A clear error for a model kind that cannot read the task's batches."""
+  if model_cfg.kind not in models.MODELS:
+    raise ConfigError(
+      f"config.model.kind={model_cfg.kind!r} is unknown; valid: {', '.join(models.MODELS)}."
+    )
+  if stream != is_recurrent(model_cfg):
+    raise ConfigError(
+      f"config.model.kind={model_cfg.kind!r} does not fit task {task_name!r}: a "
+      "language-model task needs a model with a memory interface (kind='decoder_lm'), a "
+      "classification task a classifier."
+    )
+
+
 @dataclasses.dataclass
 class TrainSetup:
   """Everything static about a run: mesh, model structure, optimizer, shardings."""
@@ -179,9 +193,10 @@ class TrainSetup:
       abstract_memory = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), memory
       )
+      memory_shardings = jax.tree.map(lambda x: x.sharding, abstract_memory)
       with self.context():
         return (
-          jax.jit(fn, donate_argnums=1)
+          jax.jit(fn, donate_argnums=1, out_shardings=(None, memory_shardings))
           .lower(self.abstract_state["params"], abstract_memory, batch_spec)
           .compile()
         )

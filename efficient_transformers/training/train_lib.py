@@ -189,12 +189,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     )
 
   # ---------------------------------------------------------------- Mesh, model, shardings.
-  if task.stream != state.is_recurrent(config.model):
-    raise ConfigError(
-      f"config.model.kind={config.model.kind!r} does not fit task {config.task!r}: a "
-      "language-model task needs a model with a memory interface (kind='decoder_lm'), a "
-      "classification task a classifier."
-    )
+  state.check_model_fits_task(config.model, config.task, task.stream)
   setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
   _check_layout(config, setup.mesh)
   fields = set(batch_fields(task, 1, train_length))
