@@ -15,6 +15,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file used for 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The training run's workdir.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best, latest, or a step number.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["test", "validation"], "Split to evaluate.")
+_RESULTS = flags.DEFINE_string("results", None, "Where to write the results; WORKDIR/results.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -23,7 +24,7 @@ def main():
 
   which = eval_lib.parse_which(_CHECKPOINT.value)
   results = eval_lib.evaluate_checkpoint(
-    _CONFIG.value, _WORKDIR.value, which=which, split=_SPLIT.value
+    _CONFIG.value, _WORKDIR.value, which=which, split=_SPLIT.value, results_path=_RESULTS.value
   )
   print(results)
 

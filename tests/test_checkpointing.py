@@ -3,6 +3,7 @@
 import logging
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from efficient_transformers.errors import CheckpointError
-from efficient_transformers.training.checkpointing import Checkpointer
+from efficient_transformers.training.checkpointing import CHECKSUMS, Checkpointer, seal
 
 LOGGER = "efficient_transformers.training.checkpointing"
 
@@ -202,31 +203,76 @@ def test_fingerprint_mismatch_raises(new_checkpointer, tmp_path):
 def test_data_state_from_other_process_count_raises(new_checkpointer, tmp_path):
   ckpt = new_checkpointer()
   ckpt.save(1, make_state(1), data_state={"i": 1})
-  files = list((tmp_path / "checkpoints" / "1" / "data_state").glob("process_*.json"))
+  step_dir = tmp_path / "checkpoints" / "1"
+  files = list((step_dir / "data_state").glob("process_*.json"))
   assert [f.name for f in files] == ["process_0-of-1.json"]
+  # An intact checkpoint of a 2-process run: its own file name, sealed as such.
   files[0].rename(files[0].with_name("process_0-of-2.json"))
-  with pytest.raises(CheckpointError, match="saved by another number of processes"):
+  (step_dir / CHECKSUMS).unlink()
+  seal(step_dir)
+  with pytest.raises(CheckpointError, match="saved by 2 process.*this run has 1"):
     new_checkpointer().restore(abstract(make_state(0)))
 
 
-def test_new_checkpointer_reads_steps_and_best_from_disk(new_checkpointer, tmp_path):
-  ckpt = new_checkpointer()
-  assert (ckpt.latest_step(), ckpt.best_step()) == (None, None)
-  assert not tmp_path.joinpath("checkpoints").exists()  # Opening to read writes nothing.
-  with pytest.raises(CheckpointError, match=str(tmp_path)):
-    ckpt.restore(abstract(make_state(0)))
-  ckpt.save(1, make_state(1), metrics={"accuracy": 0.8})
-  ckpt.save(2, make_state(2), metrics={"accuracy": 0.5})
-  ckpt.close()
+def flip_bytes(step_dir: pathlib.Path):
+  """16 bytes inverted in the middle of the largest array file: sizes stay, values change."""
+  biggest = max((f for f in (step_dir / "state").rglob("d/*")), key=lambda f: f.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
+  biggest.write_bytes(bytes(data))
+  return biggest.relative_to(step_dir).as_posix()
 
+
+def delete_data_state(step_dir: pathlib.Path):
+  (step_dir / "data_state" / "process_0-of-1.json").unlink()
+  return "data_state/process_0-of-1.json"
+
+
+def unseal(step_dir: pathlib.Path):
+  """What a kill between Orbax's commit and the checksums leaves."""
+  (step_dir / CHECKSUMS).unlink()
+  return CHECKSUMS
+
+
+@pytest.mark.parametrize("damage", [flip_bytes, delete_data_state, unseal])
+def test_checksums_catch_damage_restore_falls_back_and_named_reads_refuse(
+  new_checkpointer, tmp_path, caplog, damage
+):
+  ckpt = new_checkpointer()
+  for step in (1, 2):
+    ckpt.save(step, make_state(step), data_state={"i": step}, metrics={"accuracy": step / 10})
+  assert (tmp_path / "checkpoints" / "2" / CHECKSUMS).exists()
+  name = damage(tmp_path / "checkpoints" / "2")
+
+  ckpt = new_checkpointer()
+  with caplog.at_level(logging.WARNING, logger=LOGGER):
+    step, state, data_state = ckpt.restore(abstract(make_state(0)))
+  assert (step, data_state) == (1, {"i": 1})
+  np.testing.assert_array_equal(state["params"]["w"], make_state(1)["params"]["w"])
+  warned = [r.getMessage() for r in caplog.records if "step 2" in r.getMessage()]
+  assert warned and name in warned[0] and "damaged" in warned[0], warned
+  assert "processes" not in warned[0]  # The real cause, not another process count.
+
+  # A named step (eval.py --checkpoint=2, init_from) is refused, naming the step and file.
+  params = abstract(make_state(0))["params"]
+  with pytest.raises(CheckpointError, match=rf"step 2 .*damaged.*{name}.*--checkpoint=1"):
+    new_checkpointer().restore_params(params, which=2)
+  # The best copy of step 2 is intact and still restores.
+  assert new_checkpointer().restore_params(params, which="best")[0] == 2
+
+
+def test_unsealed_best_is_not_preferred(new_checkpointer, tmp_path):
+  ckpt = new_checkpointer()
+  ckpt.save(1, make_state(1), metrics={"accuracy": 0.5})
+  ckpt.save(2, make_state(2), metrics={"accuracy": 0.9})
+  ckpt.close()
+  # As if killed after Orbax committed best/3, before its checksums and best/2's removal.
+  shutil.copytree(tmp_path / "best" / "2", tmp_path / "best" / "3")
+  (tmp_path / "best" / "3" / CHECKSUMS).unlink()
   again = new_checkpointer()
-  assert (again.latest_step(), again.best_step()) == (2, 1)
-  # The stored best metric is what a new value must beat, not "no best yet".
-  again.save(3, make_state(3), metrics={"accuracy": 0.7})
-  assert again.best_step() == 1
-  again.save(4, make_state(4), metrics={"accuracy": 0.85})
-  assert again.best_step() == 4
-  assert steps_on_disk(tmp_path, "best") == [4]
+  assert again.best_step() == 2
+  assert again.restore_params(abstract(make_state(0))["params"], which="best")[0] == 2
 
 
 # Each of 2 processes owns 2 CPU devices of one global mesh; both run this.

@@ -4,6 +4,7 @@ Layout under the workdir (one Orbax `CheckpointManager` per folder):
 
     checkpoints/<step>/{state,data_state,metrics,fingerprint}/   the last `max_to_keep`
     best/<step>/{state,data_state,metrics,fingerprint}/          the best so far, kept alone
+    <folder>/<step>/checksums.json                               size and sha256 of every file
 
 `state` is the model + optimizer pytree (OCDBT arrays, restored already sharded);
 `data_state` holds one JSON file per process, because each process reads its own
@@ -11,24 +12,40 @@ shard of the data and so has its own iterator position; `metrics` and
 `fingerprint` (model config, attention name, ...) are JSON that Orbax's primary
 process writes.
 
+Integrity: once a step is on disk, process 0 records the size and sha256 of
+every file of it in `checksums.json` (the step is then *sealed*), and every
+restore checks them first. A step whose files no longer match, or that was
+never sealed (the run stopped while saving it), is damaged: resuming falls
+back to the newest intact step with a warning naming the file, and reading
+one named step (evaluation, `init_from`) refuses it, naming the step and the
+file. TensorStore's array files carry no checksum of their own, so without
+this a flipped byte would be restored silently.
+
 Every process calls every method; Orbax coordinates who writes what.
 """
 
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from efficient_transformers import paths
 from efficient_transformers.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 _FRESH = "use a fresh --workdir, or the config this workdir was trained with"
+CHECKSUMS = "checksums.json"
+_CHUNK = 1 << 24
 
 
 class _ProcessJsonHandler(ocp.CheckpointHandler):
@@ -62,11 +79,12 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def _damaged(step: int, where: str, error: Exception) -> str:
+def _damaged(step: int, where: str, error: "Exception | str") -> str:
   """Logs and returns why a checkpoint could not be read."""
   # Tensorstore errors carry a whole JSON spec; the head names the missing/bad file.
-  message = f"step {step} ({where}) is damaged: {type(error).__name__}: {str(error)[:300]}"
-  log.warning("Checkpoint %s", message)
+  why = error if isinstance(error, str) else f"{type(error).__name__}: {str(error)[:300]}"
+  message = f"step {step} ({where}) is damaged: {why}"
+  log.warning("Checkpoint %s; trying an older step.", message)
   return message
 
 
@@ -83,6 +101,90 @@ def _json_diffs(stored, given, prefix="") -> list[str]:
   if stored != given:
     return [f"{prefix.rstrip('.') or '<root>'}: stored {stored!r}, current {given!r}"]
   return []
+
+
+def _files(step_dir: epath.Path) -> list[str]:
+  """Every file under `step_dir` (relative, '/'-separated), the manifest excepted."""
+  if not paths.is_url(step_dir):
+    root = os.fspath(step_dir)
+    out = []
+    for directory, _, names in os.walk(root):
+      rel = os.path.relpath(directory, root)
+      out += [name if rel == "." else f"{rel}/{name}" for name in names]
+  else:
+    out, todo = [], [step_dir]
+    while todo:
+      for child in todo.pop().iterdir():
+        if child.is_dir():
+          todo.append(child)
+        else:
+          out.append(str(child)[len(str(step_dir)) + 1 :])
+  return sorted(f.replace(os.sep, "/") for f in out if f != CHECKSUMS)
+
+
+def _digest(path: epath.Path) -> tuple[int, str]:
+  """(size, sha256 hex) of one file, read in chunks (hashlib frees the GIL for them)."""
+  h, size = hashlib.sha256(), 0
+  with path.open("rb") as f:
+    while chunk := f.read(_CHUNK):
+      h.update(chunk)
+      size += len(chunk)
+  return size, h.hexdigest()
+
+
+def _digests(step_dir: epath.Path, names: list[str]) -> list[tuple[int, str] | None]:
+  """_digest of each name (None where the file is missing), files read in parallel."""
+
+  def one(name):
+    try:
+      return _digest(step_dir / name)
+    except FileNotFoundError:
+      return None
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    return list(pool.map(one, names))
+
+
+def seal(step_dir: epath.Path) -> None:
+  """Records the size and sha256 of every file of a finished step in its checksums.json."""
+  names = _files(step_dir)
+  digests = _digests(step_dir, names)
+  files = {n: {"size": d[0], "sha256": d[1]} for n, d in zip(names, digests, strict=True)}
+  paths.write_text(step_dir / CHECKSUMS, json.dumps({"algorithm": "sha256", "files": files}))
+
+
+def verify(step_dir: epath.Path) -> str | None:
+  """None if every file of the step matches its checksums.json, else what is wrong."""
+  text = paths.read_text(step_dir / CHECKSUMS)
+  if text is None:
+    return f"it has no {CHECKSUMS}: its save did not finish (the run stopped while saving it)"
+  try:
+    files = json.loads(text)["files"]
+  except (ValueError, KeyError, TypeError):
+    return f"its {CHECKSUMS} is unreadable"
+  names = sorted(files)
+  for name, got in zip(names, _digests(step_dir, names), strict=True):
+    want = files[name]
+    if got is None:
+      return f"its file {name} is missing"
+    if got[0] != want["size"]:
+      return f"its file {name} has {got[0]} bytes, not the {want['size']} it was saved with"
+    if got[1] != want["sha256"]:
+      return f"its file {name} does not match the checksum recorded when it was saved"
+  return None
+
+
+def _verify_everywhere(step_dir: epath.Path) -> str | None:
+  """`verify` on process 0, its verdict shared: every process must pick the same step."""
+  if jax.process_count() == 1:
+    return verify(step_dir)
+  from jax.experimental import multihost_utils
+
+  problem = verify(step_dir) if jax.process_index() == 0 else None
+  damaged = bool(multihost_utils.broadcast_one_to_all(np.asarray(problem is not None)))
+  if damaged and problem is None:
+    problem = "process 0 found it damaged (its log names the file)"
+  return problem if damaged else None
 
 
 class Checkpointer:
@@ -109,7 +211,7 @@ class Checkpointer:
   ):
     if best_mode not in ("max", "min"):
       raise ConfigError(f"checkpoint best_mode must be 'max' or 'min', got {best_mode!r}")
-    self.workdir = epath.Path(workdir)
+    self.workdir = paths.resolve(workdir, what="workdir")
     self._best_metric, self._best_mode = best_metric, best_mode
     # A JSON round trip now, so tuples/int keys compare equal to what comes back from disk.
     self._fingerprint = None if fingerprint is None else json.loads(json.dumps(fingerprint))
@@ -152,8 +254,20 @@ class Checkpointer:
     return self._periodic.latest_step()
 
   def best_step(self) -> int | None:
-    """The step of the best checkpoint so far, or None."""
-    return self._best.latest_step()
+    """The step of the best checkpoint so far (the newest sealed one), or None."""
+    steps = sorted(self._best.all_steps(), reverse=True)
+    sealed = [s for s in steps if (self._step_dir(self._best, s) / CHECKSUMS).exists()]
+    return (sealed or steps or [None])[0]
+
+  def _step_dir(self, manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    return epath.Path(manager.directory) / str(step)
+
+  def _seal(self, manager: ocp.CheckpointManager, step: int) -> None:
+    step_dir = self._step_dir(manager, step)
+    # Process 0 sees every process's files once Orbax has committed the step. A step
+    # sealed before (a repeated save at a saved step) is left as it is.
+    if jax.process_index() == 0 and not (step_dir / CHECKSUMS).exists():
+      seal(step_dir)
 
   def save(
     self, step: int, state, *, data_state: dict | None = None, metrics: dict | None = None
@@ -209,8 +323,10 @@ class Checkpointer:
       self._best_value = metrics[self._best_metric]
     self._periodic.wait_until_finished()
     self._best.wait_until_finished()
+    self._seal(self._periodic, step)
     if improved:
-      # Only after the new best is durable, so a kill never leaves zero best checkpoints.
+      self._seal(self._best, step)
+      # Only after the new best is sealed, so a kill never leaves zero usable best checkpoints.
       for old in old_best:
         if old != step:
           self._best.delete(old)
@@ -257,6 +373,10 @@ class Checkpointer:
     errors = []
     for step in steps:
       where = f"{manager.directory}/{step}"
+      problem = _verify_everywhere(self._step_dir(manager, step))
+      if problem is not None:
+        errors.append(_damaged(step, where, problem))
+        continue
       try:
         meta = manager.item_metadata(step)["state"]
         meta = None if meta is None else meta.tree
@@ -318,6 +438,11 @@ class Checkpointer:
     manager, steps = self._candidates(which)
     step = steps[0]
     where = f"{manager.directory}/{step}"
+    problem = _verify_everywhere(self._step_dir(manager, step))
+    if problem is not None:
+      older = [s for s in self._periodic.all_steps() if s < step]
+      hint = f" Step {max(older)} is older; try --checkpoint={max(older)}." if older else ""
+      raise CheckpointError(f"Checkpoint step {step} ({where}) is damaged: {problem}.{hint}")
     try:
       meta = manager.item_metadata(step)["state"].tree
       fingerprint = manager.restore(
@@ -389,9 +514,12 @@ class Checkpointer:
       return
     files = sorted(p.name for p in (epath.Path(where) / "data_state").glob("process_*.json"))
     if _process_file() not in files:
+      # The files passed their checksums, so they are what was saved: by other processes.
+      counts = sorted({f.rsplit("-of-", 1)[-1].removesuffix(".json") for f in files})
       raise CheckpointError(
-        f"{hint}: it holds data-iterator state {files}, not {_process_file()}, so it was "
-        "saved by another number of processes. Resume with that many, or a fresh --workdir."
+        f"{hint}: it was saved by {' or '.join(counts) or 'another number of'} process(es) "
+        f"(data-iterator state {files}) and this run has {jax.process_count()}. Resume with "
+        "that many processes, or use a fresh --workdir."
       )
 
   def close(self) -> None:

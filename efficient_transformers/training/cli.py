@@ -7,6 +7,7 @@ what to fix.
 
 import importlib.util
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -75,9 +76,32 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.WARNING or not noisy
 
 
+def _missing_config_file(argv: list[str]) -> str | None:
+  """A one-line message if `--config=FILE[:ARGS]` names no file (ml_collections says less)."""
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    else:
+      continue
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+      where = os.path.abspath(path)
+      return (
+        f"--config={spec}: there is no config file {where}. Give the path of a file in "
+        "configs/ (relative to the current directory, e.g. configs/lra/listops.py:smoke)."
+      )
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flags parser for `app.run(main, flags_parser=parse_flags)`."""
   logging.getLogger("absl").addFilter(_QuietLibraries())
+  missing = _missing_config_file(argv[1:])
+  if missing:
+    print(f"error: {missing}", file=sys.stderr)
+    sys.exit(2)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # noqa: BLE001 - turned into a one-line message below.
@@ -100,10 +124,24 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
+_HEARTBEAT = flags.DEFINE_integer(
+  "heartbeat_timeout_seconds",
+  100,
+  "Multi-host: a process silent this long is taken for dead and the run stops.",
+)
 
 
 def run(main: Callable[[], None]) -> None:
-  """Parses flags, joins a multi-host run if asked, runs `main()`; user errors end in one line."""
+  """Parses flags, joins a multi-host run if asked, runs `main()`; user errors end in one line.
+
+  A process of a multi-process run runs the command as a supervised child
+  (see `supervisor`), so that another process's death ends it in one line.
+  """
+  from efficient_transformers.training import supervisor
+
+  code = supervisor.maybe_supervise(sys.argv)
+  if code is not None:
+    sys.exit(code)
 
   def wrapped(argv):
     if len(argv) > 1:
@@ -111,7 +149,12 @@ def run(main: Callable[[], None]) -> None:
     try:
       from efficient_transformers.training import distributed
 
-      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      distributed.initialize(
+        _COORDINATOR.value,
+        _NUM_PROCESSES.value,
+        _PROCESS_ID.value,
+        heartbeat_timeout_seconds=_HEARTBEAT.value,
+      )
       main()
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)

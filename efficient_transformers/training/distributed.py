@@ -13,7 +13,7 @@ from absl import logging
 from efficient_transformers.errors import ConfigError
 
 # Variables set by launchers whose clusters jax.distributed detects on its own.
-_AUTO_ENV = (
+AUTO_ENV = (
   "SLURM_JOB_ID",
   "OMPI_COMM_WORLD_SIZE",
   "TPU_WORKER_HOSTNAMES",
@@ -26,12 +26,15 @@ def initialize(
   num_processes: int | None = None,
   process_id: int | None = None,
   *,
+  heartbeat_timeout_seconds: int = 100,
   cpu_collectives: str = "gloo",
 ) -> bool:
   """Calls `jax.distributed.initialize` when the run is multi-process.
 
   Returns whether it did. On CPU, cross-process collectives go through
   `cpu_collectives` (gloo), so a multi-process run can be tested on one machine.
+  A process that sends no heartbeat for `heartbeat_timeout_seconds` is taken
+  for dead, and the others stop (see `supervisor`).
   """
   explicit = [coordinator_address, num_processes, process_id]
   if any(x is not None for x in explicit):
@@ -40,11 +43,11 @@ def initialize(
         "--coordinator_address, --num_processes and --process_id go together; "
         f"got {coordinator_address!r}, {num_processes!r}, {process_id!r}."
       )
-    if not 0 <= process_id < num_processes:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
       raise ConfigError(
         f"--process_id={process_id} must be in [0, --num_processes={num_processes})."
       )
-  elif not any(v in os.environ for v in _AUTO_ENV):
+  elif not any(v in os.environ for v in AUTO_ENV):
     return False
   try:  # Affects the CPU backend only; accelerators use their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
@@ -54,6 +57,7 @@ def initialize(
     coordinator_address=coordinator_address,
     num_processes=num_processes,
     process_id=process_id,
+    heartbeat_timeout_seconds=heartbeat_timeout_seconds,
   )
   logging.info(
     "Joined process %d of %d; %d local and %d global devices.",

@@ -1,15 +1,16 @@
 """`evaluate_checkpoint(config, workdir, which)`: test-split evaluation of a saved model."""
 
 import json
-import os
 
 import jax
 import ml_collections
 from absl import logging
 
+from efficient_transformers import paths
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError
 from efficient_transformers.training import checkpointing, state, train_lib
+from efficient_transformers.training import workdir as workdir_lib
 from efficient_transformers.training.evaluation import (
   evaluate,
   evaluate_stream,
@@ -29,18 +30,45 @@ def parse_which(value: str) -> str | int:
     ) from None
 
 
+def _check_writable(path) -> None:
+  """Fails now, in one line, if `path` cannot be written: not after a whole evaluation."""
+  probe = path.parent / f".{path.name}.write-test-{jax.process_index()}"
+  with paths.writing(path.parent, then="or pass --results=PATH to write the results elsewhere"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+
+
 def evaluate_checkpoint(
-  config: ml_collections.ConfigDict, workdir: str, *, which: str | int = "best", split: str = "test"
+  config: ml_collections.ConfigDict,
+  workdir,
+  *,
+  which: str | int = "best",
+  split: str = "test",
+  results_path=None,
 ) -> dict:
-  """Restores checkpoint `which`, evaluates `split`, writes `workdir/results.json`."""
-  task = tasks.load(config, generate=False)
-  state.check_model_fits_task(config.model, config.task, task.stream)
-  setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
+  """Restores checkpoint `which`, evaluates `split`, writes the results as JSON.
+
+  Args:
+    config: the config the run was trained with.
+    workdir: the run's workdir, as the user wrote it (or gs://...).
+    which: "best", "latest" or a step.
+    split: the split to evaluate.
+    results_path: where to write the results; default `workdir/results.json`.
+  """
+  workdir = workdir_lib.prepare(workdir, create=False)
+  if results_path:
+    results_path = paths.resolve(results_path, what="--results")
+  else:
+    results_path = workdir / "results.json"
+  spec = tasks.describe(config)
+  state.check_model_fits_task(config.model, config.task, spec.stream)
+  task = tasks.load(config, generate=False)  # A wrong data_dir is named first.
   ckpt = checkpointing.Checkpointer(
     workdir,
-    fingerprint=model_fingerprint(config, task),
-    best_metric=task.best_metric,
-    best_mode=task.best_mode,
+    fingerprint=model_fingerprint(config, spec),
+    best_metric=spec.best_metric,
+    best_mode=spec.best_mode,
   )
   if ckpt.latest_step() is None and ckpt.best_step() is None:
     raise CheckpointError(
@@ -48,6 +76,9 @@ def evaluate_checkpoint(
     )
   if which == "best" and ckpt.best_step() is None:
     raise CheckpointError(f"{workdir} has no best checkpoint yet (no evaluation has run).")
+  if jax.process_index() == 0:
+    _check_writable(results_path)
+  setup = state.make_setup(config, vocab_size=spec.vocab_size, num_classes=spec.num_classes)
   step, params = ckpt.restore_params(setup.abstract_state["params"], which=which)
   ckpt.close()
   _, length = train_lib.stream_lengths(config)
@@ -59,18 +90,18 @@ def evaluate_checkpoint(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  if task.stream:
+  batch_spec = setup.batch_spec(train_lib.batch_fields(spec, 1, length), config.batch_size)
+  if spec.stream:
     lengths = train_lib.eval_memory_lengths(config)
-    spec = setup.batch_spec(train_lib.batch_fields(task, 1, length), config.batch_size)
     eval_step = setup.compile_eval_step(
-      spec, memory=setup.init_memory.abstract(config.batch_size, **lengths)
+      batch_spec, memory=setup.init_memory.abstract(config.batch_size, **lengths)
     )
     memory = setup.init_memory(config.batch_size, **lengths)
     metrics = evaluate_stream(eval_step, params, memory, batches, setup.batch_sharding)
     scores = {k: metrics[k] for k in ("bits_per_byte", "loss", "accuracy")}
     count = {"num_tokens": int(metrics["num_tokens"])}
   else:
-    eval_step = setup.compile_eval_step(setup.batch_spec(task.splits[split], config.batch_size))
+    eval_step = setup.compile_eval_step(batch_spec)
     metrics = evaluate(eval_step, params, batches, setup.batch_sharding)
     scores = {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
     count = {"num_examples": int(metrics["num_examples"])}
@@ -87,7 +118,7 @@ def evaluate_checkpoint(
     "num_devices": jax.device_count(),
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    with paths.writing(results_path.parent):
+      paths.write_text(results_path, json.dumps(results, indent=2))
   logging.info("%s", results)
   return results

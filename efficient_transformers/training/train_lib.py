@@ -3,11 +3,14 @@
 Resume order: a checkpoint in `workdir` -> `config.init_from` (parameters
 only) -> scratch. The same function runs on one CPU, one GPU, or every process
 of a multi-host pod (after `distributed.initialize`).
+
+The workdir is checked and locked before anything is computed (one writer per
+workdir, see `workdir.py`); `dry_run(config)` builds and compiles the step for
+the config's real shapes without touching data or a workdir.
 """
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -18,9 +21,11 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from efficient_transformers import paths
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError, ConfigError, UserError
 from efficient_transformers.training import checkpointing, sharding, state
+from efficient_transformers.training import workdir as workdir_lib
 from efficient_transformers.training.evaluation import (
   evaluate,
   evaluate_stream,
@@ -75,10 +80,13 @@ class _Preemption:
 
 
 def _check_config(config: ml_collections.ConfigDict) -> None:
-  """Settings that would otherwise fail deep inside JAX, as messages naming the key."""
+  """Settings that would fail deep inside JAX, or train to nonsense, as messages naming the key."""
   for key in ("num_train_steps", "batch_size", "log_every_steps", "eval_every_steps"):
     if config[key] <= 0:
       raise ConfigError(f"config.{key} must be positive; got {config[key]}.")
+  for key in sorted(config.model.keys()):
+    if key.endswith("dropout_rate") and not 0.0 <= config.model[key] < 1.0:
+      raise ConfigError(f"config.model.{key} must be in [0, 1); got {config.model[key]}.")
   if config.checkpoint_every_steps < 0:
     raise ConfigError(
       f"config.checkpoint_every_steps must be >= 0; got {config.checkpoint_every_steps}."
@@ -129,33 +137,177 @@ def eval_memory_lengths(config: ml_collections.ConfigDict) -> dict:
   return {"mem_len": eval_mem_len} if eval_mem_len and eval_mem_len > 0 else {}
 
 
-def batch_fields(task: tasks.TaskData, rows: int, length: int) -> dict[str, np.ndarray]:
-  """Example arrays shaped like a task's batch rows (for the abstract batch)."""
+def batch_fields(task: tasks.TaskSpec, rows: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes and dtypes of `rows` rows of a task's batches (for the abstract batch).
+
+  Example tasks: the fields the task declares. Stream tasks: `length` tokens per row.
+  """
   if not task.stream:
-    return task.splits["train"]
+    return {
+      k: jax.ShapeDtypeStruct((rows, *shape), np.dtype(dtype))
+      for k, (shape, dtype) in task.fields.items()
+    }
   return {
-    "inputs": np.zeros((rows, length), np.int32),
-    "targets": np.zeros((rows, length), np.int32),
-    "reset": np.zeros((rows,), bool),
+    "inputs": jax.ShapeDtypeStruct((rows, length), np.int32),
+    "targets": jax.ShapeDtypeStruct((rows, length), np.int32),
+    "reset": jax.ShapeDtypeStruct((rows,), np.bool_),
   }
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` in `workdir`; returns the final validation metrics."""
+def _build(config: ml_collections.ConfigDict, spec: tasks.TaskSpec):
+  """The setup and the compiled steps of a run, from the config and the task's declaration."""
+  state.check_model_fits_task(config.model, config.task, spec.stream)
+  setup = state.make_setup(config, vocab_size=spec.vocab_size, num_classes=spec.num_classes)
+  _check_layout(config, setup.mesh)
+  fields = set(batch_fields(spec, 1, stream_lengths(config)[0]))
+  if not set(setup.input_names) <= fields:
+    raise ConfigError(
+      f"config.model.kind={config.model.kind!r} reads {list(setup.input_names)}, but task "
+      f"{config.task!r} provides {sorted(fields)}."
+    )
+  return setup
+
+
+def _compile(config: ml_collections.ConfigDict, spec: tasks.TaskSpec, setup: state.TrainSetup):
+  """(compiled train step, compiled eval step, eval memory lengths) for the config's shapes."""
+  train_length, eval_length = stream_lengths(config)
+  batch_spec = setup.batch_spec(batch_fields(spec, 1, train_length), config.batch_size)
+  compiled_train_step = setup.compile_train_step(
+    batch_spec, seed=config.seed, grad_accum_steps=config.optimizer.grad_accum_steps
+  )
+  eval_memory = {}
+  if spec.stream:
+    eval_spec = setup.batch_spec(batch_fields(spec, 1, eval_length), config.batch_size)
+    eval_memory = eval_memory_lengths(config)
+    eval_step = setup.compile_eval_step(
+      eval_spec, memory=setup.init_memory.abstract(config.batch_size, **eval_memory)
+    )
+  else:
+    eval_step = setup.compile_eval_step(batch_spec)
+  return compiled_train_step, eval_step, eval_memory
+
+
+def _cost(compiled) -> dict:
+  """FLOPs and bytes per step and device from XLA's cost analysis (empty if it has none)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - not every backend reports one.
+    return {}
+  if isinstance(cost, (list, tuple)):  # Older JAX: one dict per device program.
+    cost = cost[0] if cost else {}
+  return {k: float(cost[k]) for k in ("flops", "bytes accessed") if k in (cost or {})}
+
+
+def dry_run(config: ml_collections.ConfigDict) -> dict:
+  """Compiles the train step for the config's real shapes; reads no data, writes nothing.
+
+  What a user runs before booking a pod: the config is checked, the model is
+  built abstractly (shapes from the config and the task's declared vocabulary
+  and lengths), and the train and eval steps are compiled ahead of time on
+  this run's devices. Returns (and the command line prints) the parameter
+  count, per-device memory and FLOPs per step.
+  """
+  _check_config(config)
+  spec = tasks.describe(config)
+  setup = _build(config, spec)
+  t0 = time.perf_counter()
+  train_step, eval_step, _ = _compile(config, spec, setup)
+  compile_s = time.perf_counter() - t0
+  mib = lambda b: b / 2**20
+  report = {
+    "task": config.task,
+    "model": config.model.kind,
+    "attention": config.model.get("attention") or f"{config.model.get('memory')} memory",
+    "num_params": setup.num_params,
+    "mesh": dict(setup.mesh.shape),
+    "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    "global_batch": config.batch_size,
+    "compile_s": compile_s,
+  }
+  memory = train_step.memory_analysis()
+  if memory is not None:
+    report.update(
+      argument_mib=mib(memory.argument_size_in_bytes),
+      temp_mib=mib(memory.temp_size_in_bytes),
+      output_mib=mib(memory.output_size_in_bytes),
+      alias_mib=mib(memory.alias_size_in_bytes),
+    )
+    # Donated state aliases its output: count it once.
+    report["total_mib"] = (
+      report["argument_mib"] + report["temp_mib"] + report["output_mib"] - report["alias_mib"]
+    )
+  cost = _cost(train_step)
+  if "flops" in cost:
+    report["flops_per_device"] = cost["flops"]
+    report["flops"] = cost["flops"] * jax.device_count()
+  eval_memory = eval_step.memory_analysis()
+  if eval_memory is not None:
+    report["eval_temp_mib"] = mib(eval_memory.temp_size_in_bytes)
+  return report
+
+
+def format_dry_run(report: dict) -> str:
+  """The dry run's report as the lines `train.py --dry_run` prints."""
+  lines = [
+    f"Dry run: {report['task']} / {report['model']} with {report['attention']}, "
+    f"{report['num_params']:,} parameters; mesh {report['mesh']} over {report['devices']}; "
+    f"global batch {report['global_batch']}; compiled in {report['compile_s']:.1f} s.",
+  ]
+  if "total_mib" in report:
+    lines.append(
+      "Train step memory per device: {argument_mib:.1f} MiB arguments, {temp_mib:.1f} MiB "
+      "temporaries, {output_mib:.1f} MiB outputs ({alias_mib:.1f} MiB of them aliased to "
+      "donated arguments): {total_mib:.1f} MiB in all.".format(**report)
+    )
+  if "flops" in report:
+    lines.append(
+      f"FLOPs per train step: {report['flops']:.4g} ({report['flops_per_device']:.4g} per "
+      "device, XLA's cost analysis)."
+    )
+  if "eval_temp_mib" in report:
+    lines.append(f"Eval step temporaries per device: {report['eval_temp_mib']:.1f} MiB.")
+  lines.append("The step compiles for these devices; nothing was read, trained or written.")
+  return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+  """Trains `config` in `workdir`; returns the final validation metrics.
+
+  Args:
+    config: the run's config.
+    workdir: where checkpoints and metrics go: a local path as the user wrote
+      it (relative, `~`, ...) or a gs:// URL. Held by this run alone.
+  """
   # Signals are caught from the start: one arriving during data generation or
   # compilation stops the run at its first step, after a save.
   with _Preemption() as preemption:
-    return _train(config, workdir, preemption)
+    _check_config(config)
+    spec = tasks.describe(config)  # A config error surfaces before any data is made.
+    process_index, process_count = jax.process_index(), jax.process_count()
+    workdir = workdir_lib.prepare(workdir)
+    lock = workdir_lib.acquire_for_run(
+      workdir, process_index=process_index, process_count=process_count
+    )
+    try:
+      return _train(config, spec, workdir, lock, preemption)
+    finally:
+      lock.release()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preemption) -> dict:
-  _check_config(config)
+def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
+  checkpoints = {"last": None}  # The newest complete checkpoint, for messages.
+
+  def resume_hint() -> str:
+    last = checkpoints["last"]
+    where = f"from step {last}" if last is not None else "(no checkpoint was saved yet)"
+    return f"rerun the same command to resume {where}"
+
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    with paths.writing(workdir, then=resume_hint):
+      text = config.to_json_best_effort(indent=2, sort_keys=True)
+      paths.write_text(workdir / "config.json", text)
 
   # ---------------------------------------------------------------- Input.
   # Process 0 makes missing data first so processes sharing a filesystem never
@@ -189,15 +341,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     )
 
   # ---------------------------------------------------------------- Mesh, model, shardings.
-  state.check_model_fits_task(config.model, config.task, task.stream)
-  setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
-  _check_layout(config, setup.mesh)
-  fields = set(batch_fields(task, 1, train_length))
-  if not set(setup.input_names) <= fields:
-    raise ConfigError(
-      f"config.model.kind={config.model.kind!r} reads {list(setup.input_names)}, but task "
-      f"{config.task!r} provides {sorted(fields)}."
-    )
+  setup = _build(config, spec)
   logging.info(
     "Mesh %s over %d devices (%s); model %s with %s attention, %d parameters.",
     dict(setup.mesh.shape),
@@ -208,35 +352,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
     setup.num_params,
   )
 
-  # ---------------------------------------------------------------- Update step (compiled AOT).
-  batch_spec = setup.batch_spec(batch_fields(task, 1, train_length), config.batch_size)
-  compiled_train_step = setup.compile_train_step(
-    batch_spec, seed=config.seed, grad_accum_steps=config.optimizer.grad_accum_steps
-  )
-  if task.stream:
-    eval_spec = setup.batch_spec(batch_fields(task, 1, eval_length), config.batch_size)
-    eval_memory = eval_memory_lengths(config)
-    eval_step = setup.compile_eval_step(
-      eval_spec, memory=setup.init_memory.abstract(config.batch_size, **eval_memory)
-    )
-  else:
-    eval_step = setup.compile_eval_step(batch_spec)
-  memory = compiled_train_step.memory_analysis()
-  if memory is not None:
-    logging.info(
-      "Compiled train step: %.1f MiB temporaries, %.1f MiB arguments per device.",
-      memory.temp_size_in_bytes / 2**20,
-      memory.argument_size_in_bytes / 2**20,
-    )
-
   # ---------------------------------------------------------------- Checkpoint: resume or start.
-  fingerprint = model_fingerprint(config, task)
+  # Before compiling: a workdir of another model is refused without a compile's wait.
+  fingerprint = model_fingerprint(config, spec)
   ckpt = checkpointing.Checkpointer(
     workdir,
     max_to_keep=config.max_checkpoints_to_keep,
     fingerprint=fingerprint,
-    best_metric=task.best_metric,
-    best_mode=task.best_mode,
+    best_metric=spec.best_metric,
+    best_mode=spec.best_mode,
   )
   # What fixes the sequence of training batches; a resume must not change it.
   data_order = {
@@ -256,28 +380,42 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
           "seed, batch size, data settings and process count, or a fresh --workdir."
         )
       train_iter.set_state(data_state["train_iterator"])
+    checkpoints["last"] = step
     logging.info("Resumed from %s at step %d.", workdir, step)
   elif config.init_from:
     # Parameters only: the source's optimizer, data position and process count
     # do not matter, and its attention may differ if the parameters line up.
-    source = checkpointing.Checkpointer(config.init_from)
+    source = checkpointing.Checkpointer(paths.resolve(config.init_from, what="config.init_from"))
     if source.latest_step() is None and source.best_step() is None:
-      raise CheckpointError(f"config.init_from={config.init_from!r} holds no checkpoint.")
+      raise CheckpointError(
+        f"config.init_from={config.init_from!r} ({source.workdir}) holds no checkpoint."
+      )
     which = "best" if source.best_step() is not None else "latest"
     _, params = source.restore_params(
       setup.abstract_state["params"], which=which, check_fingerprint=False
     )
     source.close()
     train_state = state.init_state(setup, params=params)
-    logging.info("Initialized parameters from %s (%s).", config.init_from, which)
+    logging.info("Initialized parameters from %s (%s).", source.workdir, which)
   else:
     train_state = state.init_state(setup)
   step = int(jax.device_get(train_state["step"]))
 
+  # ---------------------------------------------------------------- Update step (compiled AOT).
+  compiled_train_step, eval_step, eval_memory = _compile(config, spec, setup)
+  memory = compiled_train_step.memory_analysis()
+  if memory is not None:
+    logging.info(
+      "Compiled train step: %.1f MiB temporaries, %.1f MiB arguments per device.",
+      memory.temp_size_in_bytes / 2**20,
+      memory.argument_size_in_bytes / 2**20,
+    )
+
   # ---------------------------------------------------------------- Loop.
-  writer = MetricWriter(
-    workdir, enabled=is_main, total_steps=config.num_train_steps, initial_step=step
-  )
+  with paths.writing(workdir, then=resume_hint):
+    writer = MetricWriter(
+      workdir, enabled=is_main, total_steps=config.num_train_steps, initial_step=step
+    )
 
   pending: list[tuple[int, dict]] = []  # Per-step metrics still on device.
   last_eval: dict = {}
@@ -309,17 +447,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
       means["steps_per_sec"] = done / elapsed
       means["examples_per_sec"] = done * config.batch_size / elapsed
       means["tokens_per_sec"] = tokens / elapsed  # Real tokens, padding not counted.
-    writer.write(host[-1][0], "train", means)
+    with paths.writing(workdir, then=resume_hint):
+      writer.write(host[-1][0], "train", means)
     t_log, step_log, paused = time.perf_counter(), host[-1][0], 0.0
 
   def save(at_step: int, metrics: dict | None = None):
     check_finite()  # Never checkpoint parameters that went NaN.
-    ckpt.save(
-      at_step,
-      train_state,
-      data_state={"train_iterator": train_iter.get_state(), "order": data_order},
-      metrics=metrics,
-    )
+    with paths.writing(workdir, then=resume_hint):
+      ckpt.save(
+        at_step,
+        train_state,
+        data_state={"train_iterator": train_iter.get_state(), "order": data_order},
+        metrics=metrics,
+      )
+    checkpoints["last"] = at_step
 
   while step < config.num_train_steps:
     batch = sharding.global_batch(next(train_iter), setup.batch_sharding)
@@ -331,10 +472,12 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
 
     if step % config.log_every_steps == 0:
       flush_train_metrics()
+      if lock.lost:
+        raise workdir_lib.WorkdirBusyError(f"Stopping: {lock.lost}.")
     is_last = step == config.num_train_steps
     t_pause = time.perf_counter()
     if step % config.eval_every_steps == 0 or is_last:
-      if task.stream:
+      if spec.stream:
         last_eval = evaluate_stream(
           eval_step,
           train_state["params"],
@@ -352,7 +495,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
           max_batches=config.num_eval_batches,
         )
       last_eval_step = step
-      writer.write(step, "validation", last_eval)
+      with paths.writing(workdir, then=resume_hint):
+        writer.write(step, "validation", last_eval)
       save(step, metrics=last_eval)  # Every evaluation may be the best.
     elif config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
       save(step)
@@ -367,8 +511,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, preemption: _Preempt
   writer.close()
   ckpt.close()
   if is_main and last_eval:
-    with open(os.path.join(workdir, "validation.json"), "w") as f:
-      json.dump(
-        {"step": last_eval_step, **{k: float(v) for k, v in last_eval.items()}}, f, indent=2
-      )
+    record = {"step": last_eval_step, **{k: float(v) for k, v in last_eval.items()}}
+    with paths.writing(workdir, then=resume_hint):
+      paths.write_text(workdir / "validation.json", json.dumps(record, indent=2))
   return last_eval

@@ -1,0 +1,145 @@
+"""One line, not a thread dump, when another process of a multi-process run dies.
+
+When a process of a multi-host run dies, JAX's coordination service notices
+its missing heartbeats and *aborts* every survivor from C++ (LOG(FATAL)),
+printing a C++ stack trace and Python's dump of every thread: about a hundred
+lines around the one that matters, and no Python code runs to say more.
+
+So in a multi-process run `train.py` runs itself as a child process and
+watches the child's stderr: everything passes through as it comes (progress
+bars included) until the coordination service's fatal error appears; from
+there the output goes only to a log file, and when the child has ended this
+process prints one line naming the dead process, the log and the command that
+resumes the run. A single-process run is not supervised.
+"""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+
+_CHILD_ENV = "EFFICIENT_TRANSFORMERS_SUPERVISED"
+
+# Where the coordination service's fatal error starts (on the coordinator, or a worker).
+_FATAL_MARKERS = (
+  b"Use error polling to propagate",
+  b"Polled an error from coordination service",
+  b"Terminating process because the JAX distributed service detected fatal errors",
+  b"*** Check failure stack trace: ***",
+  b"Fatal Python error:",
+)
+_UNHEALTHY = re.compile(rb"unhealthy \(stopped sending heartbeats\):\s*([\d,\s]+)")
+_TASK = re.compile(rb"/task:(\d+)")
+
+
+def _is_multi_process(argv: list[str]) -> bool:
+  from efficient_transformers.training.distributed import AUTO_ENV
+
+  given = any(a.split("=", 1)[0] in ("--coordinator_address", "--num_processes") for a in argv)
+  return given or any(v in os.environ for v in AUTO_ENV)
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith(f"--{name}="):
+      return a.split("=", 1)[1]
+    if a == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _log_path(argv: list[str]) -> str:
+  """WORKDIR/logs/process_<id>.log for a local workdir, else a file in the temp dir."""
+  process = _flag(argv, "process_id") or os.environ.get("SLURM_PROCID") or "x"
+  name = f"process_{process}-{os.getpid()}.log"
+  workdir = _flag(argv, "workdir")
+  if workdir and "://" not in workdir:
+    directory = os.path.join(os.path.abspath(os.path.expanduser(workdir)), "logs")
+    try:
+      os.makedirs(directory, exist_ok=True)
+      return os.path.join(directory, name)
+    except OSError:
+      pass
+  return os.path.join(tempfile.gettempdir(), f"efficient_transformers-{name}")
+
+
+def _dead_processes(text: bytes) -> list[int]:
+  found = _UNHEALTHY.search(text)
+  if found:
+    return sorted({int(t) for t in re.findall(rb"\d+", found.group(1))})
+  return sorted({int(t) for t in _TASK.findall(text)})
+
+
+def maybe_supervise(argv: list[str]) -> int | None:
+  """Runs this command as a supervised child if it is one process of several.
+
+  Returns the exit code to end with, or None when this process should run the
+  command itself (single-process runs, and the child).
+  """
+  if os.environ.get(_CHILD_ENV) or not _is_multi_process(argv[1:]):
+    return None
+  env = {**os.environ, _CHILD_ENV: "1"}
+  child = subprocess.Popen([sys.executable, *argv], env=env, stderr=subprocess.PIPE)
+
+  def forward(signum, frame):
+    del frame
+    if child.poll() is None:
+      child.send_signal(signum)
+
+  for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(sig, forward)
+
+  out = sys.stderr.buffer
+  tail, fatal, held = b"", False, []
+  fd = child.stderr.fileno()
+  while chunk := os.read(fd, 1 << 16):
+    if not fatal:
+      window = tail + chunk
+      cut = min((window.find(m) for m in _FATAL_MARKERS if m in window), default=-1)
+      if cut < 0:
+        out.write(chunk)
+        out.flush()
+        tail = window[-4096:]
+        continue
+      # Pass on what came before the marker's line; hold the rest back.
+      line_start = window.rfind(b"\n", 0, cut) + 1
+      before = max(line_start - len(tail), 0)
+      out.write(chunk[:before])
+      out.flush()
+      held.append(tail[-4096:] + chunk[:before] if before else window[:line_start][-4096:])
+      held.append(chunk[before:])
+      fatal = True
+    else:
+      held.append(chunk)
+  returncode = child.wait()
+  if not fatal:
+    if returncode < 0:
+      print(
+        f"error: the training process was killed by signal {-returncode}; rerun the same "
+        "command to resume from its last checkpoint.",
+        file=sys.stderr,
+      )
+      return 128 - returncode
+    return returncode
+  text = b"".join(held)
+  log = _log_path(argv[1:])
+  with open(log, "wb") as f:
+    f.write(text)
+  dead = _dead_processes(text)
+  count = _flag(argv[1:], "num_processes")
+  who = (
+    f"process {', '.join(map(str, dead))}" + (f" of {count}" if count else "")
+    if dead
+    else "another process of this run"
+  )
+  command = shlex.join(["python", *argv])
+  print(
+    f"error: {who} stopped (no heartbeat reached the coordinator), so this process stopped "
+    f"too; its last output is in {log}. To resume from the last checkpoint, rerun on every "
+    f"host: {command}",
+    file=sys.stderr,
+  )
+  return 1
