@@ -25,14 +25,36 @@ from collections.abc import Callable
 
 from etils import epath
 
-from efficient_transformers.errors import ConfigError, UserError
+from efficient_transformers.errors import ConfigError, DataError, UserError
 
 # URL schemes a workdir may use (through etils.epath and TensorStore).
 URL_SCHEMES = ("gs",)
 
 
-class WorkdirIOError(UserError, OSError):
-  """Writing or reading under a user's path failed for a reason the user can fix."""
+def _no_listing_cache() -> None:
+  """gcsfs caches directory listings forever by default, so a process would not see
+  a file another process wrote (a lock, a checkpoint, results) once it had listed the
+  folder. Workdirs are shared between processes and hosts: always list afresh."""
+  try:
+    import fsspec.config
+  except ImportError:  # No fsspec: no gs:// either.
+    return
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_no_listing_cache()
+
+
+class WorkdirIOError(UserError):
+  """Writing or reading under a user's path failed for a reason the user can fix.
+
+  `errno` is the cause's error number (errno.ENOSPC, errno.EROFS, ...).
+  """
+
+  def __init__(self, code: int, message: str):
+    super().__init__(message)
+    self.errno = code
 
 
 def is_url(path: "str | os.PathLike") -> bool:
@@ -145,6 +167,11 @@ def writing(path, *, then: "str | Callable[[], str]" = ""):
 
 
 def write_text(path: epath.Path, text: str) -> None:
+  """Writes `path` whole: readers see the old file or the new one, never a part."""
+  write_bytes(path, text.encode())
+
+
+def write_bytes(path: epath.Path, data: bytes) -> None:
   """Writes `path` whole: readers see the old file or the new one, never a part.
 
   Locally through a temporary file and a rename; an object store's writes are
@@ -152,12 +179,12 @@ def write_text(path: epath.Path, text: str) -> None:
   """
   path = epath.Path(path)
   if is_url(path):
-    path.write_text(text)
+    path.write_bytes(data)
     return
   tmp = f"{path}.tmp-{os.getpid()}"
   try:
-    with open(tmp, "w") as f:
-      f.write(text)
+    with open(tmp, "wb") as f:
+      f.write(data)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -172,3 +199,31 @@ def read_text(path: epath.Path) -> str | None:
     return path.read_text()
   except FileNotFoundError:
     return None
+
+
+def local_dir(path: "str | os.PathLike", *, what: str) -> str:
+  """`path` as the user wrote it (relative, `~`, a trailing slash, symlinks) made absolute.
+
+  Args:
+    path: a directory, which need not exist yet.
+    what: how to name it in an error, e.g. "--data_dir".
+
+  Raises:
+    ConfigError: a URL (the generators and readers need a local file system).
+    DataError: `path` is an existing file, not a directory.
+  """
+  resolved = resolve_local(path, what=what)
+  if os.path.exists(resolved) and not os.path.isdir(resolved):
+    raise DataError(f"{what}={resolved} is a file, not a directory; give a directory path.")
+  return resolved
+
+
+def make_dir(path: str) -> None:
+  """os.makedirs(path, exist_ok=True); a cause the user can fix is a one-line WorkdirIOError."""
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    error = user_io_error(e, path)
+    if error is None:
+      raise
+    raise error from e

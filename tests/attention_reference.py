@@ -24,8 +24,8 @@ def dense_attention(q, k, v, *, mask=None, causal=False, pattern=None, scale=Non
     mask: [batch, kv_len] bool key padding (True = real) or None. For
       self-attention (q_len == kv_len) it also zeroes padded query rows.
     causal: query i sees keys j <= i only.
-    pattern: a boolean [q_len, kv_len] (or [heads, q_len, kv_len]) of allowed
-      pairs, or None for all.
+    pattern: a boolean [q_len, kv_len] (or [heads, q_len, kv_len], or
+      [batch, heads, q_len, kv_len]) of allowed pairs, or None for all.
     scale: logit scale; default 1/sqrt(head_dim).
   """
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
@@ -37,7 +37,7 @@ def dense_attention(q, k, v, *, mask=None, causal=False, pattern=None, scale=Non
     keep = keep & np.tril(np.ones((q_len, kv_len), bool))
   if pattern is not None:
     pattern = np.asarray(pattern, bool)
-    keep = keep & (pattern[None] if pattern.ndim == 3 else pattern[None, None])
+    keep = keep & pattern.reshape((1,) * (4 - pattern.ndim) + pattern.shape)
   keep = jnp.asarray(keep)
   if mask is not None:
     keep = keep & mask[:, None, None, :]
@@ -113,6 +113,27 @@ def _replace_where(qkv, where, seed):
 def replace_padded(qkv, mask, seed):
   """q, k, v with every padded position (mask False) replaced by fresh random values."""
   return _replace_where(qkv, ~np.asarray(mask), seed)
+
+
+def append_padding(arrays, mask, new_length, seed):
+  """`arrays` [batch, length, ...] and `mask` [batch, length] with padding appended.
+
+  The appended positions (length .. new_length - 1) are padding (mask False)
+  holding fresh standard-normal values, not zeros, so a variant that reads
+  padded content there would show it.
+
+  Returns:
+    (tuple of arrays [batch, new_length, ...], mask [batch, new_length]).
+  """
+  rng = np.random.default_rng(seed)
+  mask = np.asarray(mask)
+  extra = new_length - mask.shape[1]
+  out = []
+  for x in arrays:
+    junk = rng.standard_normal((x.shape[0], extra, *x.shape[2:])).astype(np.float32)
+    out.append(jnp.concatenate([x, jnp.asarray(junk, x.dtype)], axis=1))
+  padded = np.concatenate([mask, np.zeros((mask.shape[0], extra), bool)], axis=1)
+  return tuple(out), jnp.asarray(padded)
 
 
 def replace_future(qkv, position, seed):

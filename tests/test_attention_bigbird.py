@@ -2,8 +2,9 @@
 
 The oracle is tests.attention_reference.dense_attention restricted to
 `bigbird_pattern` (an O(L^2) boolean set, so it counts every (query, key) pair
-once); the kernel must match it in values and q/k/v gradients. Lengths are not
-multiples of the block size, so internal padding is exercised.
+once) of each row's real length (the index of its last real key + 1: the
+layout follows it); the kernel must match it in values and q/k/v gradients.
+Lengths are not multiples of the block size, so internal padding is exercised.
 """
 
 import functools
@@ -42,16 +43,29 @@ def bigbird_fn(name, layout_key=SEED):
   return functools.partial(bigbird_lib.bigbird_attention, layout_key=layout_key, **CONFIGS[name])
 
 
+def real_lengths(mask):
+  """Per row, the index of the last real key + 1: the length BigBird's layout follows."""
+  return tuple(int(np.flatnonzero(row).max(initial=-1)) + 1 for row in np.asarray(mask))
+
+
 @functools.cache
-def pattern(name, q_len=LENGTH, kv_len=LENGTH, layout_key=SEED):
+def pattern(name, q_len=LENGTH, kv_len=LENGTH, layout_key=SEED, real_length=None):
+  """[heads, q_len, kv_len]: the pattern of a sequence whose last real key is real_length - 1."""
   return bigbird_lib.bigbird_pattern(
-    q_len, kv_length=kv_len, heads=HEADS, layout_key=layout_key, **CONFIGS[name]
+    q_len,
+    kv_length=kv_len,
+    heads=HEADS,
+    layout_key=layout_key,
+    real_length=real_length,
+    **CONFIGS[name],
   )
 
 
 @functools.cache
-def oracle_fn(name):
-  return functools.partial(reference.dense_attention, pattern=pattern(name))
+def oracle_fn(name, real):
+  """The dense oracle under the pattern of each row's real length (a tuple per row)."""
+  rows = np.stack([pattern(name, real_length=n) for n in real])  # [batch, heads, L, L]
+  return functools.partial(reference.dense_attention, pattern=rows)
 
 
 @pytest.mark.parametrize("mask_kind", ["right_padding", "random"])
@@ -60,7 +74,8 @@ def test_values_and_grads_match_dense_pattern(name, mask_kind):
   q, k, v = reference.random_qkv(1, LENGTH)
   mask = reference.make_mask(mask_kind, LENGTH, seed=1)
   out, grads = reference.output_and_grads_fn(bigbird_fn(name), False)(q, k, v, mask)
-  ref, ref_grads = reference.output_and_grads_fn(oracle_fn(name), False)(q, k, v, mask)
+  oracle = oracle_fn(name, real_lengths(mask))
+  ref, ref_grads = reference.output_and_grads_fn(oracle, False)(q, k, v, mask)
   chex.assert_shape(out, (BATCH, LENGTH, HEADS, HEAD_DIM))
   chex.assert_tree_all_finite((out, grads))
   chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -87,7 +102,8 @@ def test_uniform_logits_count_every_key_once():
   q = jnp.zeros_like(k)
   mask = reference.make_mask("right_padding", LENGTH)
   out = reference.output_and_grads_fn(bigbird_fn("defaults_small"), False)(q, k, v, mask)[0]
-  ref = reference.output_and_grads_fn(oracle_fn("defaults_small"), False)(q, k, v, mask)[0]
+  oracle = oracle_fn("defaults_small", real_lengths(mask))
+  ref = reference.output_and_grads_fn(oracle, False)(q, k, v, mask)[0]
   chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -119,6 +135,31 @@ def test_key_blocks_have_no_duplicates_and_build_the_pattern(num_blocks, kwargs)
       extra = set(seen) - window - global_blocks
       candidates = num_blocks - len(window | global_blocks)
       assert len(extra) == min(kwargs["num_random_blocks"], candidates)
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [dict(num_random_blocks=3), dict(num_global_blocks=1, num_random_blocks=2)],
+)
+def test_key_blocks_follow_the_real_blocks_not_the_padded_count(kwargs):
+  # 7 real blocks padded to 7, 10 or 16: real query blocks see the same key blocks
+  # (the last real block is the global one), and no padded block is ever a key block.
+  alone = bigbird_lib.bigbird_key_blocks(7, heads=3, layout_key=7, **kwargs)
+  for num_blocks in (10, 16):
+    padded = bigbird_lib.bigbird_key_blocks(
+      num_blocks, heads=3, layout_key=7, real_blocks=7, **kwargs
+    )
+    assert padded.max() < 7
+    for h in range(3):
+      for i in range(7):
+        assert sorted(padded[h, i][padded[h, i] >= 0]) == sorted(alone[h, i][alone[h, i] >= 0])
+  # As token patterns: 26 real tokens in blocks of 4, in sequences of 26, 40 and 64.
+  full = dict(heads=3, block_size=4, layout_key=7, **kwargs)
+  alone = bigbird_lib.bigbird_pattern(26, **full)
+  for length in (40, 64):
+    padded = bigbird_lib.bigbird_pattern(length, real_length=26, **full)
+    np.testing.assert_array_equal(padded[:, :26, :26], alone)
+    assert not padded[:, :, 26:].any()  # padding is never a key
 
 
 def test_pattern_hand_checked_window_and_global_blocks():
@@ -158,6 +199,21 @@ def test_pattern_hand_checked_window_and_global_blocks():
   extra = p & ~base
   assert (extra[:, 2:-2].sum(axis=-1) == 2).all()  # exactly one extra block of 2 keys per row
   assert not extra[:, :2].any() and not extra[:, -2:].any()
+  # 9 real tokens padded to 12: the last REAL block (block 4, tokens 8-9) is global.
+  p = bigbird_lib.bigbird_pattern(12, heads=2, block_size=2, num_random_blocks=0, real_length=9)
+  five_blocks = np.array(
+    [
+      [1, 1, 1, 1, 1],  # global query block: dense
+      [1, 1, 1, 0, 1],  # window 0-2, global 0 and 4
+      [1, 1, 1, 1, 1],
+      [1, 0, 1, 1, 1],
+      [1, 1, 1, 1, 1],  # the last real block: global
+    ],
+    bool,
+  )
+  blocks = np.kron(five_blocks, tokens)[:, :9]
+  np.testing.assert_array_equal(p[:, :10, :9], np.broadcast_to(blocks, (2, 10, 9)))
+  assert not p[:, :, 9:].any()
 
 
 def test_layout_depends_on_the_key_only():
@@ -241,7 +297,8 @@ def test_module_shape_grads_and_its_pattern():
   chex.assert_tree_all_finite(nnx.state(grads, nnx.Param))
   # The module's kernel (traced seed) computes exactly its `pattern` (stored seed).
   q, k, v = module.query(x), module.key(x), module.value(x)
-  oracle = jax.jit(functools.partial(reference.dense_attention, pattern=module.pattern(length)))
+  patterns = np.stack([module.pattern(length, n) for n in real_lengths(mask)])
+  oracle = jax.jit(functools.partial(reference.dense_attention, pattern=patterns))
   chex.assert_trees_all_close(y, module.out(oracle(q, k, v, mask=mask)), atol=1e-5, rtol=1e-5)
 
 

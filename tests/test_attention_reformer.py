@@ -296,6 +296,24 @@ def test_module_draws_fresh_rotations_and_reseed_reproduces():
   assert _build(rngs=nnx.Rngs(0), **SMALL).hash_rngs.tag == "dropout"
 
 
+def test_module_appended_padding_holds_per_draw_not_across_calls():
+  # 29 real tokens in chunks of 8, padded to 40 and to 64. From the same stream state
+  # the real outputs agree (float32 reordering only); two calls in a row hash with two
+  # draws, so they differ (~1 here) whatever the padding: that is the hash, by design.
+  module = _build(chunk_size=8, num_buckets=4)
+  x = jnp.asarray(np.random.default_rng(16).standard_normal((BATCH, 64, 16)), jnp.float32)
+  mask = jnp.asarray(np.arange(64)[None, :] < np.array([[29], [20]]))
+  call = nnx.jit(lambda m, x, mask: m(x, mask=mask))
+  outs = []
+  for length in (40, 64):
+    nnx.reseed(module, dropout=3)
+    outs.append(np.asarray(call(module, x[:, :length], mask[:, :length])))
+  real = np.asarray(mask[:, :40])
+  np.testing.assert_allclose(outs[1][:, :40][real], outs[0][real], atol=1e-5)
+  next_call = np.asarray(call(module, x, mask))  # the stream has moved on
+  assert np.abs(next_call[:, :40][real] - outs[0][real]).max() > 0.1
+
+
 @pytest.mark.parametrize(
   "param, value",
   [

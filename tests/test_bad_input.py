@@ -99,3 +99,68 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path, data_dir):
 
   proc = run_cli("eval.py", *flags, f"--workdir={tmp_path / 'empty'}")
   _assert_clean_error(proc, "No checkpoint in")
+
+
+def _files(workdir) -> dict[str, bytes]:
+  """Every file of a workdir and its bytes, the lock's holder record aside."""
+  return {
+    p.relative_to(workdir).as_posix(): p.read_bytes()
+    for p in workdir.rglob("*")
+    if p.is_file() and p.name != "train.lock"
+  }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+  """A workdir holding a finished 2-step run, to check bad input loses nothing of it."""
+  workdir = tmp_path_factory.mktemp("trained")
+  flags = [SMOKE, f"--config.data_dir={data_dir}", *TINY_FLAGS, "--config.num_train_steps=2"]
+  proc = run_cli("train.py", *flags, f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return workdir, flags
+
+
+def test_missing_config_file_is_named(tmp_path):
+  proc = run_cli("train.py", "--config=configs/lra/listopz.py:smoke", f"--workdir={tmp_path}")
+  _assert_clean_error(proc, "no config file", "configs/lra/listopz.py", "configs/lra/listops.py")
+  proc = run_cli("eval.py", "--config=nowhere.py", f"--workdir={tmp_path}")
+  _assert_clean_error(proc, "no config file", "nowhere.py")
+  assert not list(tmp_path.iterdir())
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+  not_a_dir = tmp_path / "data.tsv"
+  not_a_dir.write_text("keep")
+  for script in ("train.py", "eval.py"):
+    proc = run_cli(script, SMOKE, f"--config.data_dir={not_a_dir}", f"--workdir={tmp_path / 'w'}")
+    _assert_clean_error(proc, f"config.data_dir={not_a_dir} is a file, not a directory")
+  assert not_a_dir.read_text() == "keep"
+
+
+def test_workdir_that_is_a_file(tmp_path, data_dir):
+  not_a_dir = tmp_path / "run"
+  not_a_dir.write_text("keep")
+  for script in ("train.py", "eval.py"):
+    proc = run_cli(script, SMOKE, f"--config.data_dir={data_dir}", f"--workdir={not_a_dir}")
+    _assert_clean_error(proc, f"--workdir={not_a_dir} is a file, not a directory")
+  assert not_a_dir.read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+  "flag,needle",
+  [
+    ("--config.optimizer.learning_rate=-1", "config.optimizer.learning_rate must be > 0; got -1"),
+    ("--config.model.dropout_rate=1.5", "config.model.dropout_rate must be in [0, 1); got 1.5"),
+    (
+      "--config.model.attention_dropout_rate=-0.1",
+      "config.model.attention_dropout_rate must be in [0, 1)",
+    ),
+    ("--config.optimizer.warmup_steps=9", "cosine schedule never decays"),
+  ],
+)
+def test_nonsense_values_are_refused_and_the_workdir_kept(trained, flag, needle):
+  workdir, flags = trained
+  before = _files(workdir)
+  proc = run_cli("train.py", *flags, "--config.num_train_steps=4", flag, f"--workdir={workdir}")
+  _assert_clean_error(proc, needle)
+  assert _files(workdir) == before

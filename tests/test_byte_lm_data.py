@@ -6,6 +6,8 @@ import json
 import math
 import os
 import platform
+import subprocess
+import sys
 import sysconfig
 import zipfile
 
@@ -13,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from efficient_transformers import interruptions
 from efficient_transformers.data import byte_corpus, byte_lm
 from efficient_transformers.errors import ConfigError, DataError
 
@@ -156,6 +159,85 @@ def test_stdlib_corpus_cache_is_built_reused_and_rebuilt(tmp_path):
       np.testing.assert_array_equal(cached[split][field], built[split][field])
       np.testing.assert_array_equal(rebuilt[split][field], built[split][field])
       np.testing.assert_array_equal(repaired[split][field], built[split][field])
+
+
+def test_killed_build_is_not_trusted_and_its_temporary_files_are_removed(tmp_path):
+  data_dir = str(tmp_path)
+  folder = byte_corpus.cache_dir(
+    data_dir, max_bytes=SMALL_CAP, seed=0, fractions=byte_corpus.DEFAULT_FRACTIONS
+  )
+  os.makedirs(folder)
+  # As a build killed before meta.json: one file done, one half-written.
+  np.save(os.path.join(folder, "train_tokens.npy"), np.ones(10, np.int16))
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  host = interruptions._HOST
+  stale = f"test_tokens.npy.tmp-{host}-{dead.pid}"
+  in_use = [f"meta.json.tmp-{host}-{live.pid}", f"meta.json.tmp-otherhost-{dead.pid}"]
+  for name in [stale, *in_use]:
+    with open(os.path.join(folder, name), "wb") as f:
+      f.write(b"\x93NUMPY partial")
+  try:
+    with pytest.raises(DataError, match="No stdlib corpus cache"):
+      byte_corpus.load_stdlib_corpus(data_dir, max_bytes=SMALL_CAP, generate=False)
+    built, meta = byte_corpus.load_stdlib_corpus(data_dir, max_bytes=SMALL_CAP)
+  finally:
+    live.kill()
+    live.wait()
+  assert sorted(os.listdir(folder)) == sorted(
+    ["meta.json", *in_use]
+    + [f"{s}_{f}.npy" for s in byte_lm.SPLITS for f in ("tokens", "doc_start")]
+  )
+  assert meta["num_bytes"]["train"] == built["train"]["tokens"].size > 10
+  again, _ = byte_corpus.load_stdlib_corpus(data_dir, max_bytes=SMALL_CAP, generate=False)
+  np.testing.assert_array_equal(again["train"]["tokens"], built["train"]["tokens"])
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+  "flag, lands_in",
+  [
+    ("--data_dir=rel/dir/", "rel/dir"),  # Relative to the working directory, trailing slash.
+    ("--data_dir={tmp}/abs", "abs"),
+    ("--data_dir=~/link/", "real"),  # ~ and a symlink to a directory.
+  ],
+)
+def test_command_line_data_dir_as_users_write_it(flag, lands_in, tmp_path):
+  (tmp_path / "real").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "real")
+  done = subprocess.run(
+    [sys.executable, "-m", "efficient_transformers.data.byte_lm", flag.format(tmp=tmp_path),
+     f"--max_bytes={SMALL_CAP}"],
+    cwd=tmp_path, env=dict(os.environ, HOME=str(tmp_path), PYTHONPATH=REPO),
+    capture_output=True, text=True, check=False,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr
+  assert json.loads(done.stdout)["num_bytes"]["train"] > 0
+  folder = byte_corpus.cache_dir(
+    str(tmp_path / lands_in), max_bytes=SMALL_CAP, seed=0, fractions=byte_corpus.DEFAULT_FRACTIONS
+  )
+  assert "meta.json" in os.listdir(folder)
+
+
+@pytest.mark.parametrize(
+  "data_dir, message",
+  [
+    ("{tmp}/a_file", "error: --data_dir={tmp}/a_file is a file, not a directory"),
+    ("{tmp}/a_file/sub/", "error: {tmp}/a_file/sub/stdlib-py"),
+    ("gs://bucket/lm", "error: --data_dir='gs://bucket/lm': this path must be on a local"),
+  ],
+)
+def test_command_line_bad_data_dir_is_one_error_line(data_dir, message, tmp_path, capsys):
+  (tmp_path / "a_file").write_text("")
+  data_dir, message = data_dir.format(tmp=tmp_path), message.format(tmp=tmp_path)
+  assert byte_lm.main([f"--data_dir={data_dir}", f"--max_bytes={SMALL_CAP}"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(message) and err.count("\n") == 1, err
+  with pytest.raises(DataError, match="is a file, not a directory"):
+    byte_corpus.load_stdlib_corpus(str(tmp_path / "a_file"), max_bytes=SMALL_CAP)
 
 
 def test_unigram_entropy_and_bits_per_byte_hand_computed():

@@ -9,10 +9,13 @@ import dataclasses
 import os
 import re
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
+from efficient_transformers import interruptions
 from efficient_transformers.data import listops
 from efficient_transformers.errors import ConfigError, DataError
 
@@ -260,3 +263,97 @@ def test_command_line_generates_the_smoke_set(tmp_path):
   data = listops.load_split(data_dir, "val", max_length=64)
   assert data["inputs"].shape == (500, 64)
   assert ((data["inputs"] != 0).sum(axis=1) > 10).all()
+
+
+def dead_pid() -> int:
+  """The pid of a process of this host that has ended and been reaped."""
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+def test_rerun_removes_what_killed_runs_left_and_keeps_live_runs_files(tmp_path, small_dir):
+  data_dir = str(tmp_path / "data")
+  os.makedirs(data_dir)
+  dead, host = dead_pid(), interruptions._HOST
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  # Killed while writing: temporary files of a dead process, in the new and the old form.
+  stale = [f"basic_train.tsv.tmp-{host}-{dead}", f"basic_val.tsv.tmp-{dead}"]
+  # A live process's, another host's, and a file that is not ours.
+  kept = [f"basic_test.tsv.tmp-{host}-{live.pid}", f"basic_test.tsv.tmp-otherhost-{dead}"]
+  kept.append(f"notes.txt.tmp-{host}-{dead}")
+  for name in stale + kept:
+    open(os.path.join(data_dir, name), "w").close()
+  try:
+    listops.ensure_data(data_dir, seed=0, num_workers=1, **SMALL)
+  finally:
+    live.kill()
+    live.wait()
+  assert sorted(os.listdir(data_dir)) == sorted(kept + [f"basic_{s}.tsv" for s in listops.SPLITS])
+  assert _files(data_dir) == _files(small_dir)
+
+
+def test_run_killed_while_renaming_is_redone(tmp_path, small_dir):
+  # Killed between two renames: the marker, one new file, one old one, one missing.
+  data_dir = str(tmp_path)
+  write_release_file(tmp_path, "val", ["( ( ( [MAX 2 ) 9 ) ] )\t9"])
+  with open(listops.split_path(data_dir, "train"), "wb") as f:
+    f.write(_files(small_dir)[0])
+  open(
+    os.path.join(data_dir, f".listops-renaming.tmp-{interruptions._HOST}-{dead_pid()}"), "w"
+  ).close()
+  listops.ensure_data(data_dir, seed=0, num_workers=1, **SMALL)
+  assert sorted(os.listdir(data_dir)) == [f"basic_{s}.tsv" for s in ("test", "train", "val")]
+  assert _files(data_dir) == _files(small_dir)
+
+
+CLI = [sys.executable, "-m", "efficient_transformers.data.listops", "--num_workers=1"]
+TINY = ["--num_train=20", "--num_val=5", "--num_test=5", "--min_length=5", "--max_length=60"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+  "flag, lands_in",
+  [
+    ("--data_dir=rel/dir/", "rel/dir"),  # Relative to the working directory, trailing slash.
+    ("--data_dir={tmp}/abs", "abs"),
+    ("--data_dir=~/link/", "real"),  # ~ and a symlink to a directory.
+  ],
+)
+def test_command_line_data_dir_as_users_write_it(flag, lands_in, tmp_path):
+  (tmp_path / "real").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "real")
+  env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=REPO)
+  done = subprocess.run(
+    CLI + TINY + [flag.format(tmp=tmp_path)],
+    cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr
+  assert [
+    len(read_rows(listops.split_path(str(tmp_path / lands_in), s))) for s in listops.SPLITS
+  ] == [
+    20,
+    5,
+    5,
+  ]
+
+
+@pytest.mark.parametrize(
+  "data_dir, message",
+  [
+    ("{tmp}/a_file", "error: --data_dir={tmp}/a_file is a file, not a directory"),
+    ("{tmp}/a_file/sub/", "error: {tmp}/a_file/sub is inside a file, not a directory"),
+    (
+      "gs://bucket/listops",
+      "error: --data_dir='gs://bucket/listops': this path must be on a local",
+    ),
+  ],
+)
+def test_command_line_bad_data_dir_is_one_error_line(data_dir, message, tmp_path, capsys):
+  (tmp_path / "a_file").write_text("")
+  data_dir, message = data_dir.format(tmp=tmp_path), message.format(tmp=tmp_path)
+  assert listops.main([f"--data_dir={data_dir}", "--num_workers=1", *TINY]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(message) and err.count("\n") == 1, err
+  with pytest.raises(DataError, match="is a file, not a directory"):
+    listops.ensure_data(str(tmp_path / "a_file"), num_workers=1, **SMALL)

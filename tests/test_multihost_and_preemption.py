@@ -117,21 +117,53 @@ def test_two_processes_match_one_process(tmp_path):
   )
 
 
-def test_sigterm_then_rerun_matches_uninterrupted(tmp_path):
-  data = tmp_path / "data"
-  steps = 300
+STEPS = 300
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted 300-step run: (its flags, its workdir, its data dir)."""
+  root = tmp_path_factory.mktemp("reference")
   flags = [
     CONFIG,
-    f"--config.data_dir={data}",
+    f"--config.data_dir={root / 'data'}",
     *TINY_FLAGS,
-    f"--config.num_train_steps={steps}",
+    f"--config.num_train_steps={STEPS}",
     "--config.eval_every_steps=100",
-    "--config.checkpoint_every_steps=1000",  # Only the preemption save lands mid-run.
+    "--config.checkpoint_every_steps=1000",  # Only a preemption save lands mid-run.
   ]
-  ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
-  ref = run_cli("train.py", *flags, f"--workdir={ref_dir}")
+  ref = run_cli("train.py", *flags, f"--workdir={root / 'ref'}")
   assert ref.returncode == 0, ref.stderr[-3000:]
+  return flags, root / "ref", root / "data"
 
+
+def _start(flags, workdir, **kw):
+  return subprocess.Popen(
+    [sys.executable, os.path.join(REPO, "train.py"), *flags, f"--workdir={workdir}"],
+    cwd=REPO,
+    env=cli_env(1),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    **kw,
+  )
+
+
+def _wait_for_step(workdir, step, proc, timeout=240):
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.open()):
+      return
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  raise AssertionError(f"no step {step} in {metrics} after {timeout} s")
+
+
+def test_sigterm_then_rerun_matches_uninterrupted(tmp_path, reference):
+  flags, ref_dir, data = reference
+  steps = STEPS
+  cut_dir = tmp_path / "cut"
   proc = subprocess.Popen(
     [sys.executable, os.path.join(REPO, "train.py"), *flags, f"--workdir={cut_dir}"],
     cwd=REPO,
@@ -169,3 +201,130 @@ def test_sigterm_then_rerun_matches_uninterrupted(tmp_path):
   for s in after:
     assert cut_train[s]["loss"] == ref_train[s]["loss"]
   assert _records(cut_dir, "validation")[steps] == _records(ref_dir, "validation")[steps]
+
+
+def _scalars(workdir, tag):
+  """(step, value) of a TensorBoard tag as TensorBoard itself loads the event files."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  acc = event_accumulator.EventAccumulator(str(workdir / "tensorboard"), purge_orphaned_data=True)
+  acc.Reload()
+  return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_kill_9_then_rerun_logs_each_step_once(tmp_path, reference):
+  """Steps logged after the last checkpoint are trained again: each must appear once."""
+  flags, ref_dir, data = reference
+  cut_dir = tmp_path / "cut"
+  every = ["--config.checkpoint_every_steps=40"]  # Changes no batch and no parameter.
+  proc = _start([*flags, *every], cut_dir)
+  _wait_for_step(cut_dir, 54, proc)  # Logged past the checkpoint at step 40.
+  proc.kill()
+  proc.communicate(timeout=60)
+  logged = [r["step"] for r in map(json.loads, (cut_dir / "metrics.jsonl").open())]
+  assert max(logged) > 40
+
+  rerun = run_cli("train.py", *flags, *every, f"--workdir={cut_dir}")
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  with open(cut_dir / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  keys = [(r["step"], r["split"]) for r in records]
+  assert len(keys) == len(set(keys)), "a step logged twice"
+  ref_train, cut_train = _records(ref_dir, "train"), _records(cut_dir, "train")
+  assert sorted(cut_train) == sorted(ref_train)
+  for s in ref_train:
+    assert cut_train[s]["loss"] == ref_train[s]["loss"], s
+  tb_ref, tb_cut = _scalars(ref_dir, "train/loss"), _scalars(cut_dir, "train/loss")
+  assert [s for s, _ in tb_cut] == [s for s, _ in tb_ref]  # Each step once, in order.
+  np.testing.assert_allclose([v for _, v in tb_cut], [v for _, v in tb_ref], rtol=1e-6)
+
+
+def test_second_trainer_is_refused_and_the_first_unharmed(tmp_path, reference):
+  flags, ref_dir, data = reference
+  workdir = tmp_path / "run"
+  first = _start(flags, workdir)
+  lock, deadline = workdir / "train.lock", time.time() + 120
+  while not (lock.exists() and f'"pid": {first.pid}' in lock.read_text()):
+    assert time.time() < deadline and first.poll() is None, "the first run never took the lock"
+    time.sleep(0.05)
+  second = run_cli("train.py", *flags, f"--workdir={workdir}")
+  assert first.poll() is None, "the first run ended before the second tried: inconclusive"
+  assert second.returncode == 2, second.stderr[-3000:]
+  assert "Traceback" not in second.stderr
+  assert f"{workdir} is in use by another training run" in second.stderr
+  assert f"pid {first.pid}" in second.stderr and socket.gethostname() in second.stderr
+  _, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-3000:]
+  config = tiny_config(data, steps=STEPS)
+  (ref_step, ref_params), (step, params) = (
+    _final_params(str(d), config) for d in (ref_dir, workdir)
+  )
+  assert ref_step == step == STEPS
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+  assert _records(workdir, "validation") == _records(ref_dir, "validation")
+
+
+def test_a_killed_process_ends_the_other_in_one_line_and_a_rerun_resumes(tmp_path):
+  flags = [
+    CONFIG,
+    f"--config.data_dir={tmp_path / 'data'}",
+    *TINY_FLAGS,
+    "--config.num_train_steps=200",
+    "--config.eval_every_steps=100",
+    "--config.checkpoint_every_steps=20",
+    "--heartbeat_timeout_seconds=10",
+  ]
+  workdir = tmp_path / "two"
+
+  def start(port, logs):
+    return [
+      subprocess.Popen(
+        [
+          sys.executable,
+          os.path.join(REPO, "train.py"),
+          *flags,
+          f"--workdir={workdir}",
+          f"--coordinator_address=localhost:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+        ],
+        cwd=REPO,
+        env=cli_env(2),
+        stdout=subprocess.DEVNULL,
+        stderr=logs[i],
+      )
+      for i in range(2)
+    ]
+
+  logs = [open(tmp_path / f"process_{i}.err", "w+") for i in range(2)]  # noqa: SIM115
+  procs = start(_free_port(), logs)
+  try:
+    _wait_for_step(workdir, 50, procs[0])
+    procs[1].kill()  # Its supervisor: the trainer under it must go too.
+    procs[0].wait(timeout=200)
+  finally:
+    for p in procs:
+      p.kill()
+  logs[0].seek(0)
+  err = logs[0].read()
+  assert procs[0].returncode == 1, err[-3000:]
+  for noise in ("Traceback", "Check failure", "Fatal Python error", "coordination_service"):
+    assert noise not in err, err[-3000:]
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "process 1 of 2 stopped" in errors[0], err[-3000:]
+  assert "rerun on every host: python" in errors[0] and "--process_id=0" in errors[0]
+  assert list((workdir / "logs").glob("process_0-*.log"))
+
+  logs = [open(tmp_path / f"rerun_{i}.err", "w+") for i in range(2)]  # noqa: SIM115
+  procs = start(_free_port(), logs)
+  try:
+    for p in procs:
+      p.wait(timeout=300)
+  finally:
+    for p in procs:
+      p.kill()
+  for p, log in zip(procs, logs, strict=True):
+    log.seek(0)
+    assert p.returncode == 0, log.read()[-3000:]
+  assert "Resumed from" in open(tmp_path / "rerun_0.err").read()
+  assert max(_records(workdir, "validation")) == 200

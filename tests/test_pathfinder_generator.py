@@ -15,6 +15,7 @@ import pytest
 import scipy.ndimage as ndi
 from PIL import Image
 
+from efficient_transformers import interruptions
 from efficient_transformers.data import pathfinder_generator as pg
 from efficient_transformers.errors import ConfigError, DataError
 
@@ -45,6 +46,13 @@ def geodesic_steps(image: np.ndarray, source, target) -> int:
     assert (grown != reached).any(), "target not reachable"
     reached = grown
   raise AssertionError("unreachable")
+
+
+def dead_pid() -> int:
+  """The pid of a process of this host that has ended and been reaped."""
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
 
 
 def read_tree(root: str) -> dict[str, bytes]:
@@ -183,12 +191,28 @@ def test_interrupted_run_resumes(generated, tmp_path):
   target = str(tmp_path / "resumed")
   pg.generate(target, num_workers=1, **args)
   root = os.path.join(target, "pathfinder32", "curv_contour_length_14")
-  # As if stopped while writing batch 1: no metadata, a partial and a stray directory.
+  # As if killed while writing batch 1: no metadata, a partial batch and the
+  # temporary files of dead processes (in the new and the old form).
   os.remove(os.path.join(root, "metadata", "1.npy"))
   os.remove(os.path.join(root, "imgs", "1", "sample_3.png"))
-  os.makedirs(os.path.join(root, "imgs", ".1.tmp-999"))
-  stats = pg.generate(target, num_workers=1, **args)
+  dead, host = dead_pid(), interruptions._HOST
+  os.makedirs(os.path.join(root, "imgs", f".1.tmp-{host}-{dead}"))
+  os.makedirs(os.path.join(root, "imgs", f".2.tmp-{dead}"))
+  open(os.path.join(root, "metadata", f".1.tmp-{host}-{dead}"), "w").close()
+  open(os.path.join(root, f".pathfinder_generator.json.tmp-{host}-{dead}"), "w").close()
+  # Those of a live process (or of another host) may be in use: they stay.
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  in_use = [f".4.tmp-{host}-{live.pid}", f".4.tmp-otherhost-{dead}"]
+  for name in in_use:
+    os.makedirs(os.path.join(root, "imgs", name))
+  try:
+    stats = pg.generate(target, num_workers=1, **args)
+  finally:
+    live.kill()
+    live.wait()
   assert (stats.num_batches_written, stats.num_batches_skipped) == (1, 2)
+  for name in in_use:
+    os.rmdir(os.path.join(root, "imgs", name))  # Fails if it was removed.
   assert read_tree(target) == read_tree(out)
   with pytest.raises(DataError, match=r"seed 5 there, 6 now.*another --out_dir"):
     pg.generate(target, num_workers=1, **{**args, "seed": 6})
@@ -256,3 +280,49 @@ def test_cli_as_a_module(tmp_path):
   assert bad.stderr.strip().splitlines() == [
     "error: Unknown Pathfinder resolution 48; valid resolutions: 32, 64, 128, 256."
   ]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+  "flag, lands_in",
+  [
+    ("--out_dir=rel/dir/", "rel/dir"),  # Relative to the working directory, trailing slash.
+    ("--out_dir={tmp}/abs", "abs"),
+    ("--out_dir=~/link/", "real"),  # ~ and a symlink to a directory.
+  ],
+)
+def test_cli_out_dir_as_users_write_it(flag, lands_in, tmp_path):
+  (tmp_path / "real").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "real")
+  done = subprocess.run(
+    [sys.executable, "-m", "efficient_transformers.data.pathfinder_generator",
+     flag.format(tmp=tmp_path), "--num_images=2", "--num_workers=1", "--difficulty=easy"],
+    cwd=tmp_path, env=dict(os.environ, HOME=str(tmp_path), PYTHONPATH=REPO),
+    capture_output=True, text=True, check=False,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr
+  imgs = tmp_path / lands_in / "pathfinder32" / "curv_baseline" / "imgs" / "0"
+  assert sorted(os.listdir(imgs)) == ["sample_0.png", "sample_1.png"]
+
+
+@pytest.mark.parametrize(
+  "out_dir, message",
+  [
+    ("{tmp}/a_file", "error: --out_dir={tmp}/a_file is a file, not a directory"),
+    (
+      "{tmp}/a_file/sub/",
+      "error: {tmp}/a_file/sub/pathfinder32/curv_baseline/imgs is inside a file",
+    ),
+    ("gs://bucket/pf", "error: --out_dir='gs://bucket/pf': this path must be on a local"),
+  ],
+)
+def test_cli_bad_out_dir_is_one_error_line(out_dir, message, tmp_path, capsys):
+  (tmp_path / "a_file").write_text("")
+  out_dir, message = out_dir.format(tmp=tmp_path), message.format(tmp=tmp_path)
+  assert pg.main([f"--out_dir={out_dir}", "--num_images=2", "--difficulty=easy"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(message) and err.count("\n") == 1, err
+  with pytest.raises(DataError, match="is a file, not a directory"):
+    pg.generate(str(tmp_path / "a_file"), resolution=32, difficulty="easy", num_images=2)

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -160,7 +162,48 @@ def test_synthetic_smoke_set_is_seeded_balanced_and_readable(tmp_path):
 def test_make_smoke_data_command_line(tmp_path):
   assert retrieval.main(["--make_smoke_data", f"--data_dir={tmp_path}", "--max_length=16"]) == 0
   assert sorted(os.listdir(tmp_path)) == sorted([EVAL, TEST, TRAIN])
-  assert retrieval.main([f"--data_dir={tmp_path / 'nothing'}"]) == 1
+  assert retrieval.main([f"--data_dir={tmp_path / 'nothing'}"]) == 2
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize(
+  "flag, lands_in",
+  [
+    ("--data_dir=rel/dir/", "rel/dir"),  # Relative to the working directory, trailing slash.
+    ("--data_dir={tmp}/abs", "abs"),
+    ("--data_dir=~/link/", "real"),  # ~ and a symlink to a directory.
+  ],
+)
+def test_command_line_data_dir_as_users_write_it(flag, lands_in, tmp_path):
+  (tmp_path / "real").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "real")
+  base = [sys.executable, "-m", "efficient_transformers.data.retrieval", flag.format(tmp=tmp_path)]
+  env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=REPO)
+  for extra in (["--make_smoke_data", "--max_length=16"], ["--max_length=16"]):  # Write, read.
+    done = subprocess.run(
+      base + extra, cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+  assert sorted(os.listdir(tmp_path / lands_in)) == sorted([EVAL, TEST, TRAIN])
+  assert done.stdout.count(" pairs, ") == 3  # One line per file read.
+
+
+@pytest.mark.parametrize(
+  "data_dir, message",
+  [
+    ("{tmp}/a_file", "error: --data_dir={tmp}/a_file is a file, not a directory"),
+    ("{tmp}/a_file/sub/", "error: {tmp}/a_file/sub is inside a file, not a directory"),
+    ("gs://bucket/aan", "error: --data_dir='gs://bucket/aan': this path must be on a local"),
+  ],
+)
+def test_command_line_bad_data_dir_is_one_error_line(data_dir, message, tmp_path, capsys):
+  (tmp_path / "a_file").write_text("")
+  data_dir, message = data_dir.format(tmp=tmp_path), message.format(tmp=tmp_path)
+  assert retrieval.main([f"--data_dir={data_dir}", "--make_smoke_data", "--max_length=16"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(message) and err.count("\n") == 1, err
 
 
 def test_config_settings():

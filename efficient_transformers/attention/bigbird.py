@@ -17,9 +17,19 @@ g = num_global_blocks and r = num_random_blocks:
 Each (query, key) pair enters the softmax at most once: a window block that is
 also global is masked in the window part, and random blocks exclude both.
 
-The random layout is data: indices [heads, num_blocks, r] drawn with
-jax.random from `layout_key` (a PRNG key or an integer seed, possibly traced)
-and used as gather indices, so one compiled function serves every layout.
+"The sequence" is each row's real part: its real length n is the index of its
+last real key + 1 (the mask may have holes before it; they stay masked keys
+of that layout), and its blocks are the ceil(n / b) blocks holding real
+keys. The last global block is the last of these, windows are clipped to
+them and random blocks are drawn among them, so a text gets the same layout
+(and outputs) however far its batch is padded. The layout has a batch axis.
+
+The random layout is data: indices [batch, heads, num_blocks, r], the top-r
+scores among each row's candidates, used as gather indices, so one compiled
+function serves every layout. The score of key block j for query block i in
+head h is drawn from a key folded from (`layout_key`, h, i, j) with
+jax.random (`layout_key`: a PRNG key or an integer seed, possibly traced),
+so it does not depend on how many blocks the padded sequence has.
 The module keeps a per-layer seed (`LayoutSeed`, drawn from the `params`
 stream at init, not trained), so layers and model seeds differ, and the same
 seed reproduces the same layout.
@@ -32,22 +42,23 @@ random key and value blocks each non-global query block sees are gathered
 into [batch, heads, num_blocks, (w + r) b, head_dim]; the global key blocks
 are shared by all query blocks, not gathered; its logits are
 [batch, heads, num_blocks, b, K] in two parts of one softmax (never
-concatenated). The only quadratic-looking array is the
-[heads, num_blocks, num_blocks] table of random scores over BLOCKS.
+concatenated). The only quadratic-looking arrays are the
+[batch, heads, num_blocks, num_blocks] random scores over BLOCKS (L^2 / b^2
+per row and head).
 
 Differences from the LRA code (which wrapped the ITC kernel of the BigBird
 release): it drew the random blocks with numpy's global random state at trace
 time, masked padded keys with an additive -10000 (so they kept a small weight
 and fully padded rows were not zero), and failed on sequences with too few
-blocks for the random draw. Here the layout comes from an explicit key with
-jax.random, padded keys are excluded exactly (any length is padded internally:
-padded keys masked, padded query rows dropped), a short sequence clips the
-window and the random blocks instead of failing, and the window width and the
-number of global blocks are kwargs.
+blocks for the random draw; its block count and last global block came from
+the padded length. Here the layout comes from an explicit key with
+jax.random and each row's real length, padded keys are excluded exactly (any
+length is padded internally: padded keys masked, padded query rows dropped),
+a short sequence clips the window and the random blocks instead of failing,
+and the window width and the number of global blocks are kwargs.
 """
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -117,63 +128,93 @@ def _as_key(layout_key) -> jax.Array:
 
 
 class _Layout(NamedTuple):
-  """The key blocks each query block's softmax covers, as slots (window, global, random).
+  """Per sequence, the key blocks each query block's softmax covers (window, global, random).
 
-  Masked slots (a window block outside the sequence or global, a random slot
-  without a candidate) still hold a block id; `valid` excludes them. Rows of
-  global query blocks are unused: those blocks are dense rows.
+  Masked slots (a window block outside the real sequence or global, a random
+  slot without a candidate, a second global block equal to the first) still
+  hold a block id; the validity masks exclude them. Rows of global query
+  blocks are unused: those blocks are dense rows.
   """
 
-  global_ids: np.ndarray  # [g'] sorted, distinct
-  ids: jax.Array  # [heads, nb, S] int32, S = w' + g' + r'; the random slots are data
-  valid: np.ndarray  # [nb, S] bool
+  global_ids: jax.Array  # [batch, g'] int32: block 0, then the last real block
+  global_valid: jax.Array  # [batch, g'] bool
+  ids: jax.Array  # [batch, heads, nb, w' + r'] int32: window, then random slots
+  valid: jax.Array  # [batch, 1 or heads, nb, w' + r'] bool
   window_slots: int  # w'
 
 
-def _global_ids(num_blocks: int, num_global_blocks: int) -> np.ndarray:
-  """The global blocks: none, the first, or the first and the last (one block when nb = 1)."""
-  return np.unique(np.array([0, num_blocks - 1][:num_global_blocks], dtype=np.int32))
+def _real_lengths(mask: jax.Array | None, batch: int, kv_length: int) -> jax.Array:
+  """[batch] int32: the index of the last real key + 1 (0 if none); kv_length without a mask."""
+  if mask is None:
+    return jnp.full((batch,), kv_length, jnp.int32)
+  positions = jnp.arange(1, kv_length + 1, dtype=jnp.int32)
+  return jnp.where(mask.astype(bool), positions, 0).max(axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("heads", "num_random"))
-def _draw_random_ids(key, candidates, *, heads, num_random):
-  """[heads, nb, num_random] distinct block ids per row, candidates first, uniformly drawn."""
-  shape = (heads, *candidates.shape)
-  # Drawn flat and reshaped: XLA's CPU compiler takes seconds over a small 3-d threefry.
-  scores = jax.random.uniform(key, (math.prod(shape),), _F32).reshape(shape)
-  # Candidates score in [0, 1), the rest -1: the first counts[i] picks are candidates.
-  scores = jnp.where(candidates, scores, -1.0)
-  return jax.lax.top_k(scores, num_random)[1].astype(jnp.int32)
+def _block_scores(key: jax.Array, heads: int, num_blocks: int) -> jax.Array:
+  """[heads, nb, nb] uniform scores in [0, 1); entry (h, i, j) is a function of (key, h, i, j).
+
+  Each entry has its own key, folded in from its indices, so a query block's
+  scores do not depend on how many blocks the (padded) sequence has; a draw
+  of shape [heads, nb, nb] would reshuffle them with nb.
+  """
+  # Flat, not nested vmaps: XLA's CPU compiler takes seconds over a small 3-d threefry.
+  # i * heads + h numbers the (head, query block) pairs whatever nb is; few folds keep
+  # compiling cheap (each is a threefry in the program).
+  h, i, j = (
+    jnp.asarray(x.ravel(), jnp.uint32) for x in np.indices((heads, num_blocks, num_blocks))
+  )
+
+  def score(h, i, j):
+    folded = jax.random.fold_in(jax.random.fold_in(key, i * heads + h), j)
+    return jax.random.uniform(folded, (), _F32)
+
+  return jax.vmap(score)(h, i, j).reshape(heads, num_blocks, num_blocks)
 
 
-def _layout(num_blocks, heads, num_window_blocks, num_global_blocks, num_random_blocks, key):
+@functools.partial(jax.jit, static_argnames=("num_blocks", "heads", "window", "globals_", "random"))
+def _layout(real_blocks, key, *, num_blocks, heads, window, globals_, random) -> _Layout:
+  """The layout of each sequence from its real block count `real_blocks` [batch] (>= 1)."""
   nb = num_blocks
-  half = min((num_window_blocks - 1) // 2, nb - 1)
-  global_ids = _global_ids(nb, num_global_blocks)
-  is_global = np.zeros(nb, bool)
-  is_global[global_ids] = True
+  half = min((window - 1) // 2, nb - 1)  # wider windows only add slots that never hold a block
   rows = np.arange(nb)
-  window = rows[:, None] + np.arange(-half, half + 1)[None, :]
-  window_valid = (window >= 0) & (window < nb)
-  window = np.clip(window, 0, nb - 1)
-  window_valid &= ~is_global[window]  # seen through the global slots
-  # Random candidates: neither in the window nor global.
-  candidates = (np.abs(rows[:, None] - rows[None, :]) > half) & ~is_global[None, :]
-  counts = candidates.sum(axis=1)
-  most = int(counts[~is_global].max()) if not is_global.all() else 0
-  r = min(num_random_blocks, most)  # fewer when the candidates run out
-  if r == 0:
-    random_ids = jnp.zeros((heads, nb, 0), jnp.int32)
+  n = real_blocks[:, None, None]  # [B, 1, 1]
+  last = real_blocks - 1
+  global_ids = jnp.stack([jnp.zeros_like(last), last], axis=1)[:, :globals_]  # [B, g']
+  global_valid = jnp.stack([last >= 0, last > 0], axis=1)[:, :globals_]  # one block: once
+
+  def is_global(j):  # j broadcastable to [B, ..]: is block j global in its sequence?
+    out = jnp.zeros_like(j, bool)
+    if globals_ >= 1:
+      out = out | (j == 0)
+    if globals_ == 2:
+      out = out | (j == n - 1)
+    return out
+
+  window_ids = rows[:, None] + np.arange(-half, half + 1)[None, :]  # [nb, w']
+  window_valid = (window_ids >= 0) & (window_ids < n) & ~is_global(jnp.asarray(window_ids)[None])
+  window_ids = np.clip(window_ids, 0, nb - 1)
+  # Random candidates: real blocks neither in the window nor global.
+  cols = jnp.asarray(rows)[None, None, :]
+  candidates = (np.abs(rows[:, None] - rows[None, :]) > half)[None] & (cols < n) & ~is_global(cols)
+  counts = candidates.sum(axis=-1)  # [B, nb]
+  r = min(random, max(nb - half - 1, 0))  # at most this many candidates in any row
+  if r:
+    scores = jnp.where(candidates[:, None], _block_scores(key, heads, nb)[None], -1.0)
+    # Candidates score in [0, 1), the rest -1: the first counts[b, i] picks are candidates,
+    # in an order set by the scores alone, so the slot count r does not change them.
+    random_ids = jax.lax.top_k(scores, r)[1].astype(jnp.int32)  # [B, H, nb, r]
   else:
-    random_ids = _draw_random_ids(_as_key(key), candidates, heads=heads, num_random=r)
-  fixed = np.concatenate([window, np.broadcast_to(global_ids, (nb, len(global_ids)))], axis=1)
-  ids = jnp.concatenate(
-    [jnp.broadcast_to(fixed.astype(np.int32), (heads, *fixed.shape)), random_ids], axis=-1
-  )
-  valid = np.concatenate(
-    [window_valid, np.ones((nb, len(global_ids)), bool), np.arange(r) < counts[:, None]], axis=1
-  )
-  return _Layout(global_ids, ids, valid, window.shape[1])
+    random_ids = jnp.zeros((real_blocks.shape[0], heads, nb, 0), jnp.int32)
+  window_ids = np.broadcast_to(window_ids.astype(np.int32), (*random_ids.shape[:3], 2 * half + 1))
+  ids = jnp.concatenate([window_ids, random_ids], axis=-1)
+  valid = jnp.concatenate([window_valid, jnp.arange(r) < counts[..., None]], axis=-1)[:, None]
+  return _Layout(global_ids, global_valid, ids, valid, 2 * half + 1)
+
+
+def _real_blocks(real_lengths: jax.Array, block_size: int) -> jax.Array:
+  """Blocks holding the real tokens, at least one (a fully padded row has only masked keys)."""
+  return jnp.maximum(-(-real_lengths // block_size), 1).astype(jnp.int32)
 
 
 def bigbird_key_blocks(
@@ -184,6 +225,7 @@ def bigbird_key_blocks(
   num_global_blocks: int = 2,
   num_random_blocks: int = 3,
   layout_key=0,
+  real_blocks: int | None = None,
 ) -> np.ndarray:
   """The key blocks each sparse query block's softmax covers, slot by slot, as the kernel does.
 
@@ -192,19 +234,41 @@ def bigbird_key_blocks(
     heads: number of heads (the random blocks differ per head).
     num_window_blocks, num_global_blocks, num_random_blocks, layout_key: as in
       `bigbird_attention`.
+    real_blocks: blocks holding real tokens, ceil(real length / block_size)
+      (see `bigbird_attention`); default `num_blocks`. The layout is that of
+      a sequence of `real_blocks` blocks, whatever `num_blocks` is.
 
   Returns:
     int array [heads, num_blocks, w' + g' + r'] (window, global, random slots)
     of key-block ids, -1 where a slot is masked. Rows of global query blocks
-    are all -1: those blocks are dense rows and see every key block.
+    (block 0, and block real_blocks - 1 with 2 global blocks) are all -1:
+    those blocks are dense rows and see every key block.
   """
   _check_params(1, num_window_blocks, num_global_blocks, num_random_blocks)
+  real_blocks = num_blocks if real_blocks is None else real_blocks
+  if not 1 <= real_blocks <= num_blocks:
+    raise ValueError(f"bigbird: real_blocks={real_blocks} must be in [1, {num_blocks}].")
   lay = _layout(
-    num_blocks, heads, num_window_blocks, num_global_blocks, num_random_blocks, layout_key
+    jnp.asarray([real_blocks], jnp.int32),
+    _as_key(layout_key),
+    num_blocks=num_blocks,
+    heads=heads,
+    window=num_window_blocks,
+    globals_=num_global_blocks,
+    random=num_random_blocks,
   )
-  ids = np.where(lay.valid[None], np.asarray(lay.ids), -1)
-  ids[:, lay.global_ids] = -1
+  ids = np.where(np.asarray(lay.valid[0]), np.asarray(lay.ids[0]), -1)  # [H, nb, w' + r']
+  glob = np.where(np.asarray(lay.global_valid[0]), np.asarray(lay.global_ids[0]), -1)
+  w = lay.window_slots
+  glob = np.broadcast_to(glob, (heads, num_blocks, len(glob)))
+  ids = np.concatenate([ids[..., :w], glob, ids[..., w:]], axis=-1)
+  ids[:, _dense_rows(num_global_blocks, real_blocks)] = -1
   return ids
+
+
+def _dense_rows(num_global_blocks: int, real_blocks: int) -> list[int]:
+  """The global query blocks of a sequence of `real_blocks` blocks."""
+  return sorted({0, real_blocks - 1}) if num_global_blocks == 2 else [0][:num_global_blocks]
 
 
 def bigbird_pattern(
@@ -217,12 +281,15 @@ def bigbird_pattern(
   num_random_blocks: int = 3,
   layout_key=0,
   kv_length: int | None = None,
+  real_length: int | None = None,
 ) -> np.ndarray:
   """The dense boolean pattern [heads, length, kv_length] that `bigbird_attention` computes.
 
   A pattern is a set: a pair is allowed or not, so an oracle applying it
   counts every pair once (a kernel counting one twice would differ from it).
-  For tests and plots only: it is O(L^2).
+  The kernel computes this pattern, combined with the key mask, for a
+  sequence whose real length (last real key + 1) is `real_length`. For tests
+  and plots only: it is O(L^2).
 
   Args:
     length: query length (and key length unless `kv_length` is given).
@@ -230,14 +297,20 @@ def bigbird_pattern(
     block_size, num_window_blocks, num_global_blocks, num_random_blocks,
       layout_key: as in `bigbird_attention`.
     kv_length: key length for cross-attention; default `length`.
+    real_length: the index of the last real key + 1, in [0, kv_length];
+      default kv_length (no padding). Keys from there on are padding: False.
 
   Returns:
     bool [heads, length, kv_length].
   """
   kv_length = length if kv_length is None else kv_length
+  real_length = kv_length if real_length is None else real_length
   _check_params(block_size, num_window_blocks, num_global_blocks, num_random_blocks)
   check_fits_sequence("bigbird", "block_size", block_size, kv_length)
+  if not 0 <= real_length <= kv_length:
+    raise ValueError(f"bigbird: real_length={real_length} must be in [0, {kv_length}].")
   nb = -(-max(length, kv_length) // block_size)
+  real_blocks = int(_real_blocks(jnp.asarray(real_length), block_size))
   ids = bigbird_key_blocks(
     nb,
     heads=heads,
@@ -245,41 +318,52 @@ def bigbird_pattern(
     num_global_blocks=num_global_blocks,
     num_random_blocks=num_random_blocks,
     layout_key=layout_key,
+    real_blocks=real_blocks,
   )
   blocks = np.zeros((heads, nb + 1, nb + 1), bool)  # index nb collects the -1 slots
   h, i, _ = np.indices(ids.shape)
   blocks[h, i, np.where(ids < 0, nb, ids)] = True
   blocks = blocks[:, :nb, :nb]
-  blocks[:, _global_ids(nb, num_global_blocks)] = True  # dense global rows
+  blocks[:, _dense_rows(num_global_blocks, real_blocks)] = True  # dense global rows
   dense = np.repeat(np.repeat(blocks, block_size, axis=1), block_size, axis=2)
-  return dense[:, :length, :kv_length]
+  dense = dense[:, :length, :kv_length]
+  dense[:, :, real_length:] = False
+  return dense
 
 
-def _sparse_rows(qb, kb, vb, keep_b, lay, rows, scale):
-  """Window + global + random attention for the query blocks `rows` (a slice); [B, m, b, H, D].
+def _per_row(x: jax.Array, ids: jax.Array) -> jax.Array:
+  """x [B, nb, ...] gathered per row along blocks: x[b, ids[b, ...]], [B, *ids.shape[1:], ...]."""
+  return jax.vmap(lambda x, i: x[i])(x, ids)
+
+
+def _sparse_rows(qb, kb, vb, keep_b, lay, first, scale):
+  """Window + global + random attention for the query blocks from `first` on; [B, m, b, H, D].
 
   The window and random slots (S' = w' + r' per query block) are gathered per
-  head into [B, H, m, S' b, D]; masked slots (outside the sequence, a window
-  block that is global, a random slot without a candidate) point at some block
-  and are excluded by the validity mask. The global key blocks are the same
-  for every query block, so they are not gathered: every query block meets
-  them as one shared [B, g' b, H, D] part of the same softmax.
+  row and head into [B, H, m, S' b, D]; masked slots (outside the real
+  sequence, a window block that is global, a random slot without a
+  candidate) point at some block and are excluded by the validity mask. The
+  global key blocks are the same for every query block of a row, so they are
+  gathered once: every query block meets them as one shared [B, g' b, H, D]
+  part of the same softmax.
   """
   heads = kb.shape[3]
-  w, g = lay.window_slots, len(lay.global_ids)
-  own = np.r_[0:w, w + g : lay.ids.shape[-1]]  # window and random slots
-  qm = qb[:, rows]
-  ids, valid = lay.ids[:, rows][..., own], lay.valid[rows][:, own]  # [H, m, S'], [m, S']
+  qm = qb[:, first:]
+  ids, valid = lay.ids[:, :, first:], lay.valid[:, :, first:]  # [B, H, m, S'], [B, 1, m, S']
   head = np.arange(heads)[:, None, None]
-  kg, vg = (jnp.moveaxis(x, 3, 1)[:, head, ids] for x in (kb, vb))  # [B, H, m, S', b, D]
+  gather = jax.vmap(lambda x, i: x[head, i])  # per row: [H, nb, b, D] by [H, m, S']
+  kg, vg = (gather(jnp.moveaxis(x, 3, 1), ids) for x in (kb, vb))  # [B, H, m, S', b, D]
   kg, vg = (x.reshape(*x.shape[:3], -1, x.shape[-1]) for x in (kg, vg))  # [B, H, m, S' b, D]
-  keep = keep_b[:, ids] & valid[None, None, :, :, None]  # [B, H, m, S', b]
+  keep = _per_row(keep_b, ids) & valid[..., None]  # [B, H, m, S', b]
   keep = keep.reshape(*keep.shape[:3], 1, -1)
   logits = jnp.einsum("bnqhd,bhnkd->bhnqk", qm, kg, preferred_element_type=_F32) * scale
   parts = [(logits, keep)]
+  g = lay.global_ids.shape[1]
   if g:
-    k_glob, v_glob = (x[:, lay.global_ids].reshape(x.shape[0], -1, *x.shape[3:]) for x in (kb, vb))
-    keep_glob = keep_b[:, lay.global_ids].reshape(keep_b.shape[0], 1, 1, 1, -1)
+    k_glob, v_glob = (_per_row(x, lay.global_ids) for x in (kb, vb))  # [B, g', b, H, D]
+    k_glob, v_glob = (x.reshape(x.shape[0], -1, *x.shape[3:]) for x in (k_glob, v_glob))
+    keep_glob = _per_row(keep_b, lay.global_ids) & lay.global_valid[..., None]  # [B, g', b]
+    keep_glob = keep_glob.reshape(keep_b.shape[0], 1, 1, 1, -1)
     g_logits = jnp.einsum("bnqhd,bkhd->bhnqk", qm, k_glob, preferred_element_type=_F32) * scale
     parts.append((g_logits, keep_glob))
 
@@ -293,9 +377,8 @@ def _sparse_rows(qb, kb, vb, keep_b, lay, rows, scale):
 
 
 def _global_rows(qb, k, v, keep, lay, scale):
-  """Dense rows for the global query blocks: [B, g, b, H, D]."""
-  # Static slices (the global blocks are block 0 and/or the last), not a gather.
-  qg = jnp.concatenate([qb[:, i : i + 1] for i in lay.global_ids], axis=1)
+  """Dense rows for each row's global query blocks (`lay.global_ids`): [B, g', b, H, D]."""
+  qg = _per_row(qb, lay.global_ids)  # [B, g', b, H, D]
   logits = jnp.einsum("bgqhd,bkhd->bhgqk", qg, k, preferred_element_type=_F32) * scale
   weights = masked_softmax(logits, keep[:, None, None, None, :]).astype(v.dtype)
   return jnp.einsum("bhgqk,bkhd->bgqhd", weights, v)
@@ -316,12 +399,16 @@ def bigbird_attention(
 ) -> jax.Array:
   """Softmax attention restricted to the BigBird ITC pattern (`bigbird_pattern`).
 
-  A length that is not a multiple of `block_size` is padded internally up to
-  the next multiple; padded keys are masked and padded query rows dropped, so
-  the result equals dense masked softmax under `bigbird_pattern` for any
-  length. The window is clipped to the sequence and the random blocks to the
-  available candidates, so a sequence of few blocks is exact softmax. A
-  `block_size` larger than the sequence is an error rather than clipped.
+  Each row's layout is that of its real part (see the module docstring):
+  its real length n is the index of its last real key + 1, so appending
+  padding, or changing what sits in padded positions, leaves the real
+  outputs unchanged. A length that is not a multiple of `block_size` is
+  padded internally up to the next multiple; padded keys are masked and
+  padded query rows dropped, so each row equals dense masked softmax under
+  `bigbird_pattern(..., real_length=n)` for any length. The window is
+  clipped to the sequence and the random blocks to the available candidates,
+  so a sequence of few blocks is exact softmax. A `block_size` larger than
+  the sequence is an error rather than clipped.
 
   Args:
     q: [batch, q_length, heads, head_dim].
@@ -355,7 +442,16 @@ def bigbird_attention(
   b = block_size
   nb = -(-max(q_length, kv_length) // b)
   padded = nb * b
-  lay = _layout(nb, q.shape[2], num_window_blocks, num_global_blocks, num_random_blocks, layout_key)
+  real_blocks = _real_blocks(_real_lengths(mask, batch, kv_length), b)  # [B]
+  lay = _layout(
+    real_blocks,
+    _as_key(layout_key),
+    num_blocks=nb,
+    heads=q.shape[2],
+    window=num_window_blocks,
+    globals_=num_global_blocks,
+    random=num_random_blocks,
+  )
   scale = q.shape[-1] ** -0.5
 
   keep = jnp.ones((batch, kv_length), bool) if mask is None else mask.astype(bool)
@@ -363,20 +459,21 @@ def bigbird_attention(
   qb, kb, vb = (to_blocks(x, b) for x in (qp, kp, vp))  # [B, nb, b, H, D]
   keep_b = to_blocks(keep, b)  # [B, nb, b]
 
-  # Global blocks are a prefix (block 0) and/or a suffix (block nb - 1): the
-  # sparse rows are the contiguous blocks between them.
-  first = int(0 in lay.global_ids)
-  last = nb - int(nb - 1 in lay.global_ids and nb > 1)
+  # Block 0 is global in every row (a static prefix); the last real block,
+  # global with g = 2, moves with the row, so it is computed as a sparse row
+  # too and replaced by its dense row.
+  first = int(num_global_blocks > 0)
   pieces = []
-  if len(lay.global_ids):
-    dense = _global_rows(qb, kp, vp, keep, lay, scale)
   if first:
+    dense = _global_rows(qb, kp, vp, keep, lay, scale)  # [B, g, b, H, D]
     pieces.append(dense[:, :1])
-  if last > first:
-    pieces.append(_sparse_rows(qb, kb, vb, keep_b, lay, slice(first, last), scale))
-  if last < nb:
-    pieces.append(dense[:, -1:])
-  out = jnp.concatenate(pieces, axis=1).reshape(batch, padded, *q.shape[2:])[:, :q_length]
+  if nb > first:
+    pieces.append(_sparse_rows(qb, kb, vb, keep_b, lay, first, scale))
+  out = jnp.concatenate(pieces, axis=1)  # [B, nb, b, H, D]
+  if num_global_blocks == 2:
+    is_last = np.arange(nb)[None, :] == (real_blocks - 1)[:, None]  # [B, nb]
+    out = jnp.where(is_last[:, :, None, None, None], dense[:, 1:], out)
+  out = out.reshape(batch, padded, *q.shape[2:])[:, :q_length]
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 
@@ -423,10 +520,18 @@ class BigBirdAttention(MultiHeadAttention):
       num_random_blocks=self.num_random_blocks,
     )
 
-  def pattern(self, length: int) -> np.ndarray:
-    """The boolean self-attention pattern [heads, length, length] this module computes."""
+  def pattern(self, length: int, real_length: int | None = None) -> np.ndarray:
+    """The boolean self-attention pattern [heads, length, length] this module computes.
+
+    For a sequence whose last real token is at real_length - 1 (default:
+    no padding); see `bigbird_pattern`.
+    """
     return bigbird_pattern(
-      length, heads=self.num_heads, layout_key=int(self.layout_seed[...]), **self._kwargs()
+      length,
+      heads=self.num_heads,
+      layout_key=int(self.layout_seed[...]),
+      real_length=real_length,
+      **self._kwargs(),
     )
 
   def attend(self, q, k, v, *, mask, deterministic):

@@ -33,7 +33,12 @@ Details of this implementation:
     The real tokens keep their relative order and fill the first chunks
     exactly as the real tokens alone would (padding anywhere, holes included),
     so what sits in padded positions cannot change a real token's output, and
-    right padding gives the output of the unpadded sequence.
+    right padding gives the output of the unpadded sequence: appending
+    padding changes no real output (the first chunk never looks back, and
+    the rotations' shape does not depend on the length). That holds for one
+    draw of rotations; the module draws afresh on every call, so two calls
+    differ by their hashes whatever the padding (compare lengths from one
+    stream state: `nnx.reseed`, or a copy of the module's state).
   - Randomness: the rotations come from an explicit `key` (pure function) or,
     in the module, from an `nnx.RngStream` tagged "dropout", drawn on every
     call. The training step reseeds the dropout streams from (seed, step), so

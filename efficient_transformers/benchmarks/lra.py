@@ -17,11 +17,14 @@ accuracy against steps/s, bubble area = memory).
     python -m efficient_transformers.benchmarks.lra ... --print_commands   # one job per cell
     python -m efficient_transformers.benchmarks.lra ... --cell=listops:softmax
     python -m efficient_transformers.benchmarks.lra --workdir=lra_runs --report_only
+    python -m efficient_transformers.benchmarks.lra ... --dry_run   # compile every cell only
 
 Rerunning a command continues its grid: finished cells are skipped, a cell
 whose training stopped resumes from its latest checkpoint, and failed cells
 (`failed.json`, shown in the table) are retried. A failing cell never stops the
-grid. `--config_overrides KEY=VALUE` applies to every cell, `NAME:KEY=VALUE`
+grid; a cell that another job is training (its workdir is locked) is left to
+that job. WORKDIR may be relative or a gs:// URL: every file goes through
+`etils.epath`. `--config_overrides KEY=VALUE` applies to every cell, `NAME:KEY=VALUE`
 only to the cells of task or attention NAME; values are parsed by the type of
 the key's current value, as `--config.KEY=VALUE` flags are.
 """
@@ -42,8 +45,9 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
+from etils import epath
 
-from efficient_transformers import attention
+from efficient_transformers import attention, paths
 from efficient_transformers.benchmarks.lra_report import (
   AVERAGED_TASKS,
   TASKS,
@@ -53,6 +57,8 @@ from efficient_transformers.benchmarks.lra_report import (
   write_report,
 )
 from efficient_transformers.errors import ConfigError, UserError
+from efficient_transformers.training.metrics import read_records
+from efficient_transformers.training.workdir import WorkdirBusyError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(_REPO, "configs", "lra")
@@ -190,29 +196,17 @@ def cell_config(
 # ---------------------------------------------------------------- What a cell's workdir holds.
 
 
-def _write_json(path: str, obj: dict) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)  # Atomic: parallel jobs and kills never leave half a file.
+def _write_json(path, obj: dict) -> None:
+  # Whole: parallel jobs and kills never leave half a file.
+  paths.write_text(path, json.dumps(obj, indent=2))
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir) -> list[dict]:
   """The records of `workdir/metrics.jsonl` (a torn last line from a kill is dropped)."""
-  records = []
-  try:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except ValueError:
-          continue
-  except OSError:
-    pass
-  return records
+  return read_records(workdir)
 
 
-def _trained_to_end(workdir: str, num_train_steps: int) -> bool:
+def _trained_to_end(workdir, num_train_steps: int) -> bool:
   # The loop evaluates (and saves) at its last step, and only then.
   return any(
     r.get("split") == "validation" and r.get("step") == num_train_steps
@@ -238,12 +232,13 @@ def compiled_train_memory(config: ml_collections.ConfigDict) -> dict:
   CPU backend reports less than the temporaries there.
   """
   from efficient_transformers.data import tasks
-  from efficient_transformers.training import state
+  from efficient_transformers.training import state, train_lib
 
-  task = tasks.load(config, generate=False)
-  setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
+  spec = tasks.describe(config)
+  setup = state.make_setup(config, vocab_size=spec.vocab_size, num_classes=spec.num_classes)
+  fields = train_lib.batch_fields(spec, 1, train_lib.stream_lengths(config)[0])
   compiled = setup.compile_train_step(
-    setup.batch_spec(task.splits["train"], config.batch_size),
+    setup.batch_spec(fields, config.batch_size),
     seed=config.seed,
     grad_accum_steps=config.optimizer.grad_accum_steps,
   )
@@ -267,20 +262,20 @@ def _device() -> dict:
 # ---------------------------------------------------------------- Running one cell.
 
 
-def _attempts_wall_s(workdir: str) -> float:
-  return sum(r.get("wall_s", 0.0) for r in _jsonl(os.path.join(workdir, "attempts.jsonl")))
+def _attempts_wall_s(workdir) -> float:
+  return sum(r.get("wall_s", 0.0) for r in _jsonl(workdir / "attempts.jsonl"))
 
 
-def _jsonl(path: str) -> list[dict]:
+def _jsonl(path) -> list[dict]:
   try:
-    with open(path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+    text = paths.read_text(path) or ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
   except (OSError, ValueError):
     return []
 
 
 def run_cell(
-  task: str, attention_name: str, root: str, *, smoke: bool, overrides: Sequence[Override]
+  task: str, attention_name: str, root, *, smoke: bool, overrides: Sequence[Override]
 ) -> dict:
   """Trains, tests and records one cell (skipped when finished); returns its record.
 
@@ -288,10 +283,10 @@ def run_cell(
   only a preemption signal during training (`_Stopped`) or Ctrl-C outside it
   ends the grid.
   """
-  workdir = os.path.join(root, task, attention_name)
+  workdir = epath.Path(root) / task / attention_name
   cell = f"{task}:{attention_name}"
-  failed_path = os.path.join(workdir, "failed.json")
-  record_path = os.path.join(workdir, "cell.json")
+  failed_path = workdir / "failed.json"
+  record_path = workdir / "cell.json"
   main_process = jax.process_index() == 0
   t0, outcome, wall_s = time.perf_counter(), "interrupted", None
   try:
@@ -341,12 +336,16 @@ def run_cell(
     outcome = "finished"
     if main_process:
       _write_json(record_path, record)
-      if os.path.exists(failed_path):
-        os.remove(failed_path)
+      if failed_path.exists():
+        failed_path.unlink()
     _log(f"{cell}: test accuracy {record['test_accuracy']:.4f} (best step {record['best_step']}).")
     return record
   except _Stopped:
     raise
+  except WorkdirBusyError as e:
+    outcome = "busy"  # Another job is training this cell: not a failure, nothing recorded.
+    _log(f"{cell}: left to the job that holds it: {e}")
+    return {"task": task, "attention": attention_name, "status": "busy", "error": str(e)}
   except Exception as e:  # noqa: BLE001 - one cell's failure must not end the grid.
     outcome = "failed"
     message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
@@ -356,16 +355,17 @@ def run_cell(
       failure["traceback"] = traceback.format_exc()
       _log(failure["traceback"])
     if main_process:
-      os.makedirs(workdir, exist_ok=True)
+      workdir.mkdir(parents=True, exist_ok=True)
       _write_json(failed_path, {**failure, **_device(), "time": time.time()})
     _log(f"{cell}: FAILED: {message} (recorded in {failed_path}; a rerun retries it).")
     return failure
   finally:
-    if main_process and outcome != "skipped" and os.path.isdir(workdir):
+    if main_process and outcome not in ("skipped", "busy") and workdir.is_dir():
       # The memory probe's compilation is not part of the cell's cost.
       wall_s = time.perf_counter() - t0 if wall_s is None else wall_s
-      with open(os.path.join(workdir, "attempts.jsonl"), "a") as f:
-        f.write(json.dumps({"time": time.time(), "wall_s": wall_s, "outcome": outcome}) + "\n")
+      attempt = {"time": time.time(), "wall_s": wall_s, "outcome": outcome}
+      lines = [json.dumps(r) for r in _jsonl(workdir / "attempts.jsonl")] + [json.dumps(attempt)]
+      paths.write_text(workdir / "attempts.jsonl", "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------- Command line.
@@ -384,6 +384,28 @@ def cell_command(args: argparse.Namespace, task: str, attention_name: str) -> st
   return shlex.join(parts)
 
 
+def _dry_run(tasks, names, *, smoke: bool, overrides) -> int:
+  """Builds and compiles every cell's train step (train.py --dry_run); writes nothing."""
+  from efficient_transformers.training import train_lib
+
+  failed = []
+  for task in tasks:
+    for name in names:
+      try:
+        report = train_lib.dry_run(cell_config(task, name, smoke=smoke, overrides=overrides))
+      except UserError as e:
+        failed.append(f"{task}:{name}")
+        _log(f"{task}:{name}: error: {e}")
+        continue
+      memory = f", {report['total_mib']:.1f} MiB per device" if "total_mib" in report else ""
+      flops = f", {report['flops']:.3g} FLOPs per step" if "flops" in report else ""
+      _log(f"{task}:{name}: compiles; {report['num_params']:,} parameters{memory}{flops}.")
+      jax.clear_caches()
+  if failed:
+    _log(f"{len(failed)} cell(s) would fail: {', '.join(failed)}.")
+  return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -399,8 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--cell", default=None, metavar="TASK:ATTENTION", help="run one cell only")
   parser.add_argument("--report_only", action="store_true", help="only rebuild the results files")
   parser.add_argument("--print_commands", action="store_true", help="print one command per cell")
+  parser.add_argument(
+    "--dry_run", action="store_true", help="compile every cell's train step; train nothing"
+  )
   args = parser.parse_args(argv)
   try:
+    root = paths.resolve(args.workdir, what="--workdir")
     valid_tasks, valid_attentions = available_tasks(), attention.available()
     default_tasks = ",".join(t for t in valid_tasks if t in AVERAGED_TASKS)
     if args.cell is not None:
@@ -412,9 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = _names(args.attentions or ",".join(valid_attentions), valid_attentions, "attention")
     overrides = parse_overrides(args.config_overrides, [*valid_tasks, *valid_attentions])
     if args.report_only:
-      print(
-        write_report(args.workdir, tasks if args.tasks else (), names if args.attentions else ())
-      )
+      print(write_report(root, tasks if args.tasks else (), names if args.attentions else ()))
       return 0
     if args.print_commands:
       for task in tasks:
@@ -431,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         except Exception:  # noqa: BLE001 - the cell records its own failure.
           pass
+    if args.dry_run:
+      return _dry_run(tasks, names, smoke=args.smoke, overrides=overrides)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -440,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, task in enumerate(tasks):
       for j, name in enumerate(names):
         _log(f"[{i * len(names) + j + 1}/{len(tasks) * len(names)}] {task}:{name}")
-        records.append(run_cell(task, name, args.workdir, smoke=args.smoke, overrides=overrides))
+        records.append(run_cell(task, name, root, smoke=args.smoke, overrides=overrides))
         # Free the finished cell's executables and buffers before the next one compiles.
         jax.clear_caches()
         gc.collect()
@@ -454,8 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"--workdir={shlex.quote(args.workdir)} --report_only"
     )
   elif jax.process_index() == 0:
-    print(write_report(args.workdir, tasks, names))
-    _log(f"Wrote results.md, results.csv, results_plot.png in {args.workdir}.")
+    print(write_report(root, tasks, names))
+    _log(f"Wrote results.md, results.csv, results_plot.png in {root}.")
   if failed:
     _log(f"{len(failed)} cell(s) failed: {', '.join(failed)}. Rerun the command to retry them.")
     return 1

@@ -5,13 +5,15 @@ apart so the runner and the report each stay readable.
 """
 
 import csv
+import io
 import json
-import os
 import statistics
 import sys
 from collections.abc import Sequence
 
-from efficient_transformers import attention
+from etils import epath
+
+from efficient_transformers import attention, paths
 
 # LRA's order; Table 1's average is over the first five (every model FAILed Path-X).
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
@@ -64,10 +66,10 @@ def published(attention_name: str, task: str) -> float | None:
   return row[TASKS.index(task)] if row and task in TASKS else None
 
 
-def _read_json(path: str) -> dict | None:
+def _read_json(path) -> dict | None:
   try:
-    with open(path) as f:
-      return json.load(f)
+    text = paths.read_text(path)
+    return None if text is None else json.loads(text)
   except (OSError, ValueError):
     return None
 
@@ -76,14 +78,14 @@ def _log(message: str) -> None:
   print(message, file=sys.stderr, flush=True)
 
 
-def _fresh_test_results(workdir: str) -> dict | None:
+def _fresh_test_results(workdir) -> dict | None:
   """results.json if it is the best checkpoint's test evaluation, made after the last training."""
-  path = os.path.join(workdir, "results.json")
+  path = epath.Path(workdir) / "results.json"
   results = _read_json(path)
   if not results or results.get("checkpoint") != "best" or "test" not in results:
     return None
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics) and os.path.getmtime(path) < os.path.getmtime(metrics):
+  metrics = epath.Path(workdir) / "metrics.jsonl"
+  if metrics.exists() and path.stat().mtime < metrics.stat().mtime:
     return None  # Evaluated before training went on.
   return results
 
@@ -94,15 +96,17 @@ def _fresh_test_results(workdir: str) -> dict | None:
 def collect(root: str, tasks: Sequence[str] = (), attentions: Sequence[str] = ()) -> list[dict]:
   """Every cell under `root` (finished, failed or pending) plus the grid `tasks` x `attentions`."""
   found = {}
-  if os.path.isdir(root):
-    for task in sorted(os.listdir(root)):
-      if not os.path.isdir(os.path.join(root, task)):
+  root = epath.Path(root)
+  if root.is_dir():
+    for task_dir in sorted(root.iterdir(), key=lambda p: p.name):
+      if not task_dir.is_dir():
         continue
-      for name in sorted(os.listdir(os.path.join(root, task))):
-        workdir = os.path.join(root, task, name)
-        record = _read_json(os.path.join(workdir, "cell.json"))
+      task = task_dir.name
+      for workdir in sorted(task_dir.iterdir(), key=lambda p: p.name):
+        name = workdir.name
+        record = _read_json(workdir / "cell.json")
         if record is None or not _fresh_test_results(workdir):
-          record = _read_json(os.path.join(workdir, "failed.json"))
+          record = _read_json(workdir / "failed.json")
         if record is not None:
           found[(task, name)] = record
   for task in tasks:
@@ -250,7 +254,8 @@ def write_csvs(cells: list[dict], root: str) -> None:
   for t in tasks:
     keys += [t, f"{t}_published"]
   keys += ["avg", "avg_published", "avg_num_tasks", "steps_per_sec", "memory_mib"]
-  with open(os.path.join(root, "results.csv"), "w", newline="") as f:
+  root = epath.Path(root)
+  with io.StringIO(newline="") as f:
     writer = csv.DictWriter(f, fieldnames=keys)
     writer.writeheader()
     for row in rows:
@@ -265,10 +270,12 @@ def write_csvs(cells: list[dict], root: str) -> None:
         )
         out[f"{t}_published"] = published(row["attention"], t)
       writer.writerow({k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in out.items()})
-  with open(os.path.join(root, "results_cells.csv"), "w", newline="") as f:
+    paths.write_text(root / "results.csv", f.getvalue())
+  with io.StringIO(newline="") as f:
     writer = csv.DictWriter(f, fieldnames=CELL_KEYS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(cells)
+    paths.write_text(root / "results_cells.csv", f.getvalue())
 
 
 def plot(cells: list[dict], path: str) -> bool:
@@ -296,20 +303,20 @@ def plot(cells: list[dict], path: str) -> bool:
   ax.grid(True, alpha=0.3)
   ax.margins(0.2)
   fig.tight_layout()
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  fig.savefig(tmp, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
-  os.replace(tmp, path)
+  paths.write_bytes(path, png.getvalue())
   return True
 
 
 def write_report(root: str, tasks: Sequence[str] = (), attentions: Sequence[str] = ()) -> str:
   """Writes results.md, results.csv, results_cells.csv and results_plot.png; returns the table."""
+  root = epath.Path(root)
   cells = collect(root, tasks, attentions)
-  os.makedirs(root, exist_ok=True)
+  root.mkdir(parents=True, exist_ok=True)
   table = markdown(cells)
-  with open(os.path.join(root, "results.md"), "w") as f:
-    f.write(table)
+  paths.write_text(root / "results.md", table)
   write_csvs(cells, root)
-  plot(cells, os.path.join(root, "results_plot.png"))
+  plot(cells, root / "results_plot.png")
   return table

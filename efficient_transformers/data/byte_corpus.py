@@ -25,6 +25,9 @@ Tokens are byte + 1 (1..256; 0 is padding), int16. Each split also has
 `doc_start`, True at the first byte of each file. Results should name the
 corpus: `meta` carries the Python version and a sha256 per split. A built
 corpus is cached as .npy files under `data_dir` and rebuilt when missing.
+Each file is written whole (a temporary file renamed into place) and meta.json
+last, so a build killed at any point leaves no cache that a later load trusts;
+the next build removes the temporary files that the killed one left.
 """
 
 import hashlib
@@ -33,10 +36,10 @@ import logging
 import os
 import platform
 import sysconfig
-import tempfile
 
 import numpy as np
 
+from efficient_transformers import interruptions, paths
 from efficient_transformers.errors import ConfigError, DataError
 
 _log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ DOC_SEPARATOR = b"\x00"
 DEFAULT_FRACTIONS = (0.9, 0.05, 0.05)
 DEFAULT_MAX_BYTES = 16 * 2**20
 
+_CACHE_FILES = r"(train|validation|test)_(tokens|doc_start)\.npy|meta\.json"
 _EXCLUDED_DIRS = frozenset(
   {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 )
@@ -215,10 +219,15 @@ def cache_dir(
 
 def _atomic_write(path: str, write) -> None:
   """Writes through a temporary file in the same folder, then renames it over `path`,
-  so a reader (or a concurrent writer of the same bytes) never sees a partial file."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+  so a reader (or a concurrent writer of the same bytes) never sees a partial file.
+
+  The temporary file is named after this host and process (`interruptions.temp_path`),
+  not randomly, so that a later build can tell a killed build's leftovers from
+  a live one's and remove them.
+  """
+  tmp = interruptions.temp_path(path)
   try:
-    with os.fdopen(fd, "wb") as f:
+    with open(tmp, "wb") as f:
       write(f)
     os.replace(tmp, path)
   except BaseException:
@@ -265,7 +274,8 @@ def load_stdlib_corpus(
   """The stdlib corpus from its cache under `data_dir`, built (and cached) if missing.
 
   Args:
-    data_dir: the folder holding the cache folder (see `cache_dir`).
+    data_dir: the folder holding the cache folder (see `cache_dir`); it may be
+      relative, start with `~` or pass through symlinks.
     max_bytes: the cap on the three splits' total size.
     seed: the key of the file-to-split hash.
     fractions: (train, validation, test) shares.
@@ -276,6 +286,7 @@ def load_stdlib_corpus(
     (splits, meta) as from `build_stdlib_corpus`.
   """
   _check_fractions(fractions)
+  data_dir = paths.local_dir(data_dir, what="data_dir")
   folder = cache_dir(data_dir, max_bytes=max_bytes, seed=seed, fractions=fractions)
   cached = _read_cache(folder) if os.path.exists(os.path.join(folder, "meta.json")) else None
   if cached is not None:
@@ -289,7 +300,8 @@ def load_stdlib_corpus(
   splits, meta = build_stdlib_corpus(
     max_bytes=max_bytes, seed=seed, fractions=fractions, stdlib_dir=stdlib_dir
   )
-  os.makedirs(folder, exist_ok=True)
+  paths.make_dir(folder)
+  interruptions.remove_stale_temps(folder, _CACHE_FILES)
   for s in SPLITS:
     for field in ("tokens", "doc_start"):
       _atomic_write(

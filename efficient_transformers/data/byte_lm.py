@@ -38,6 +38,7 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
+from efficient_transformers import paths
 from efficient_transformers.data import byte_corpus, tasks
 from efficient_transformers.data.byte_corpus import (
   PAD_ID,
@@ -417,24 +418,29 @@ def corpus_info(config: ml_collections.ConfigDict, *, generate: bool = False) ->
   return info
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+  """Builds (stdlib) or checks (enwik8, text8) a corpus and prints what names it; returns the
+  exit status (2 for a user error, printed as one line)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data_dir", required=True)
   parser.add_argument("--corpus", default="stdlib", choices=CORPORA)
   parser.add_argument("--max_bytes", type=int, default=byte_corpus.DEFAULT_MAX_BYTES)
   parser.add_argument("--seed", type=int, default=0, help="The stdlib file-split key.")
   args = parser.parse_args(argv)
-  config = ml_collections.ConfigDict(
-    {
-      "data_dir": args.data_dir,
-      "data": {"corpus": args.corpus, "max_bytes": args.max_bytes, "split_seed": args.seed},
-    }
-  )
   try:
+    data_dir = paths.local_dir(args.data_dir, what="--data_dir")
+    config = ml_collections.ConfigDict(
+      {
+        "data_dir": data_dir,
+        "data": {"corpus": args.corpus, "max_bytes": args.max_bytes, "split_seed": args.seed},
+      }
+    )
     print(json.dumps(corpus_info(config, generate=True), indent=2))
   except UserError as e:
-    sys.exit(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -21,6 +21,10 @@ files are byte-identical for any number of worker processes. The LRA set
 (1.2M draws, 8.2% accepted, mean length 1,034; 660 MB of text) takes about
 50 CPU-seconds: 40 s on 2 busy cores.
 
+A generation killed at any point (even with SIGKILL) takes its worker
+processes with it and leaves only temporary files, which the next run in the
+same directory removes; that run writes the same bytes.
+
   python -m efficient_transformers.data.listops --data_dir=data/lra/listops
   python -m efficient_transformers.data.listops --data_dir=data/lra/listops_smoke --smoke
 """
@@ -34,14 +38,15 @@ import dataclasses
 import hashlib
 import itertools
 import logging
-import multiprocessing
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
 
 import numpy as np
 
+from efficient_transformers import interruptions, paths
 from efficient_transformers.errors import ConfigError, DataError, UserError
 
 _log = logging.getLogger(__name__)
@@ -230,10 +235,8 @@ def _chunks(seed: int, p: GeneratorParams, num_workers: int) -> Iterator[tuple]:
   """Yields chunk results in chunk order, computed by `num_workers` processes."""
   next_chunk = 0
   if num_workers > 1:
-    # spawn, not fork: the parent may hold JAX's threads, which fork breaks.
-    context = multiprocessing.get_context("spawn")
     try:
-      with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+      with interruptions.worker_pool(num_workers) as pool:
         ahead = 2 * num_workers  # Bounded read-ahead; results still come back in order.
         pending = collections.deque(pool.submit(_draw_chunk, seed, i, p) for i in range(ahead))
         try:
@@ -258,12 +261,14 @@ def generate(
   """Generates and writes the three split files, replacing any already there.
 
   Each file is written under a temporary name and renamed when complete, so an
-  interrupted run leaves no partial `basic_*.tsv`. Worker processes are
+  interrupted run leaves no partial `basic_*.tsv`, and temporary files of
+  earlier runs that were killed are removed first. Worker processes are
   spawned: as Python requires, call this from under `if __name__ ==
   "__main__":` in a script (where spawn cannot start, it draws in-process).
 
   Args:
     data_dir: directory for `basic_{train,val,test}.tsv`; created if missing.
+      It may be relative, start with `~` or pass through symlinks.
     seed: non-negative integer; the files are a function of (seed, params).
     num_workers: processes drawing chunks (default: the CPUs this process may
       use, at most 16); does not change the output.
@@ -282,17 +287,25 @@ def generate(
     raise ConfigError(f"ListOps generator seed must be a non-negative integer, got {seed!r}.")
   # Capped: each worker is a fresh interpreter with numpy (~50 MB).
   num_workers = num_workers or min(len(os.sched_getaffinity(0)), 16)
+  data_dir = paths.local_dir(data_dir, what="data_dir")
   t0 = time.perf_counter()
-  os.makedirs(data_dir, exist_ok=True)
-  paths = [split_path(data_dir, s) for s in SPLITS]
-  temps = [f"{path}.tmp-{os.getpid()}" for path in paths]
+  paths.make_dir(data_dir)
+  _remove_interrupted(data_dir)
+  finals = [split_path(data_dir, s) for s in SPLITS]
+  temps = [interruptions.temp_path(path) for path in finals]
+  # Three files cannot be renamed at once. This marker exists while they are,
+  # so a run killed between two renames is known to have left a mix of old
+  # and new files (which the next run removes), not a complete set.
+  renaming = interruptions.temp_path(os.path.join(data_dir, _RENAMING))
   try:
     with contextlib.ExitStack() as stack:
       files = [stack.enter_context(open(temp, "wb")) for temp in temps]
       chunks = stack.enter_context(contextlib.closing(_chunks(seed, p, num_workers)))
       counts = _write_unique(files, (p.num_train, p.num_val, p.num_test), chunks, p)
-    for temp, path in zip(temps, paths, strict=True):
+    open(renaming, "wb").close()
+    for temp, path in zip(temps, finals, strict=True):
       os.replace(temp, path)
+    os.remove(renaming)
   finally:
     for temp in temps:
       if os.path.exists(temp):
@@ -340,15 +353,19 @@ def ensure_data(data_dir: str, *, seed: int = 0, num_workers: int | None = None,
   """Makes sure `data_dir` holds the three split files; generates them if none is there.
 
   Existing files (ours or the original release's) are never regenerated or
-  checked here; `load_split` validates them. Arguments are those of `generate`.
+  checked here; `load_split` validates them. What a killed generation left is
+  removed first, so a rerun completes it. Arguments are those of `generate`.
   """
-  paths = [split_path(data_dir, s) for s in SPLITS]
-  present = [os.path.exists(path) for path in paths]
+  data_dir = paths.local_dir(data_dir, what="data_dir")
+  if os.path.isdir(data_dir):
+    _remove_interrupted(data_dir)
+  files = [split_path(data_dir, s) for s in SPLITS]
+  present = [os.path.exists(path) for path in files]
   if all(present):
     _log.info("ListOps data found in %s; not regenerating.", data_dir)
     return
   if any(present):
-    missing = [path for path, ok in zip(paths, present, strict=True) if not ok]
+    missing = [path for path, ok in zip(files, present, strict=True) if not ok]
     raise DataError(
       f"ListOps data in {data_dir} is incomplete: missing {', '.join(missing)}. Restore them, or "
       f"delete the directory's basic_*.tsv files and run: {_command(data_dir)}"
@@ -486,21 +503,51 @@ def _explain(block: bytes, first: int, path: str) -> None:
   raise DataError(f"{path}: lines {first + 2}-{last} hold characters other than ASCII tokens.")
 
 
+# ----------------------------------------------------------------------------- Interruptions.
+
+_RENAMING = ".listops-renaming"  # The marker of `generate`'s renames.
+_OWN_TEMPS = r"basic_(train|val|test)\.tsv|" + re.escape(_RENAMING)
+
+
+def _remove_interrupted(data_dir: str) -> None:
+  """Removes what killed generations left in `data_dir`.
+
+  That is their temporary files and, where one was killed while renaming
+  its files into place, the split files (a mix of its and older ones).
+  """
+  removed = interruptions.remove_stale_temps(data_dir, _OWN_TEMPS)
+  if any(name.startswith(_RENAMING + ".") for name in removed):
+    for split in SPLITS:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(split_path(data_dir, split))
+
+
+# ----------------------------------------------------------------------------- Command line.
+
+
 def main(argv: list[str] | None = None) -> int:
-  """The command line: generates the ListOps files unless they are there."""
+  """The command line: generates the ListOps files unless they are there; returns the exit
+  status (2 for a user error, printed as one line)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data_dir", required=True, help="Where basic_{train,val,test}.tsv go.")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--smoke", action="store_true", help="The smoke config's small set.")
   parser.add_argument("--num_workers", type=int, default=None, help="Default: all CPUs.")
+  for field in dataclasses.fields(GeneratorParams):
+    help = f"Default: LRA's {field.default}, or the smoke set's with --smoke."
+    parser.add_argument(f"--{field.name}", type=int, default=None, help=help)
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  params = SMOKE_PARAMS if args.smoke else {}
+  params = dict(SMOKE_PARAMS) if args.smoke else {}
+  for field in dataclasses.fields(GeneratorParams):
+    if getattr(args, field.name) is not None:
+      params[field.name] = getattr(args, field.name)
   try:
-    ensure_data(args.data_dir, seed=args.seed, num_workers=args.num_workers, **params)
+    data_dir = paths.local_dir(args.data_dir, what="--data_dir")
+    ensure_data(data_dir, seed=args.seed, num_workers=args.num_workers, **params)
   except UserError as e:
-    print(e, file=sys.stderr)
-    return 1
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 

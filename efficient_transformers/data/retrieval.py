@@ -39,6 +39,7 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
+from efficient_transformers import paths
 from efficient_transformers.data import tasks
 from efficient_transformers.errors import ConfigError, DataError, UserError
 
@@ -381,7 +382,8 @@ def make_smoke_data(
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Writes the synthetic smoke set, or reads (checks) the three files of `--data_dir`."""
+  """Writes the synthetic smoke set, or reads (checks) the three files of `--data_dir`; returns
+  the exit status (2 for a user error, printed as one line)."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data_dir", required=True, help="Where new_aan_pairs.*.tsv are/go.")
   parser.add_argument(
@@ -392,20 +394,22 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   try:
+    data_dir = paths.local_dir(args.data_dir, what="--data_dir")
     if args.make_smoke_data:
-      make_smoke_data(args.data_dir, seed=args.seed, max_length=args.max_length or 256)
+      paths.make_dir(data_dir)  # So that a directory the user cannot create is one line.
+      make_smoke_data(data_dir, seed=args.seed, max_length=args.max_length or 256)
       return 0
     for split in SPLITS:
       t0 = time.perf_counter()
-      arrays = load_split(args.data_dir, split, max_length=args.max_length or 4_000)
+      arrays = load_split(data_dir, split, max_length=args.max_length or 4_000)
       labels = arrays["targets"]
       print(
-        f"{split_path(args.data_dir, split)}: {labels.size} pairs, {labels.mean():.1%} label 1, "
+        f"{split_path(data_dir, split)}: {labels.size} pairs, {labels.mean():.1%} label 1, "
         f"read in {time.perf_counter() - t0:.1f} s."
       )
   except UserError as e:
-    print(e, file=sys.stderr)
-    return 1
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0
 
 

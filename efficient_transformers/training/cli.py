@@ -159,5 +159,9 @@ def run(main: Callable[[], None]) -> None:
     except UserError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+    except Exception as e:
+      if supervisor.peer_failure(e):  # Said in one line by the supervisor.
+        os._exit(1)  # Not sys.exit: JAX's shutdown would wait on the dead process.
+      raise
 
   app.run(wrapped, flags_parser=parse_flags)

@@ -11,14 +11,7 @@ import jax
 from absl import logging
 
 from efficient_transformers.errors import ConfigError
-
-# Variables set by launchers whose clusters jax.distributed detects on its own.
-AUTO_ENV = (
-  "SLURM_JOB_ID",
-  "OMPI_COMM_WORLD_SIZE",
-  "TPU_WORKER_HOSTNAMES",
-  "MEGASCALE_COORDINATOR_ADDRESS",
-)
+from efficient_transformers.training.supervisor import AUTO_ENV
 
 
 def initialize(

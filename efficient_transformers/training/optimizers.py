@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from absl import logging
 
 from efficient_transformers.errors import ConfigError
 
@@ -27,6 +28,15 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_train_steps: int)
     )
   if cfg.warmup_steps < 0:
     raise ConfigError(f"config.optimizer.warmup_steps must be >= 0; got {cfg.warmup_steps}.")
+  if not cfg.learning_rate > 0:
+    raise ConfigError(f"config.optimizer.learning_rate must be > 0; got {cfg.learning_rate}.")
+  if cfg.schedule == "cosine" and cfg.warmup_steps > num_train_steps:
+    # The run would end mid-warmup: no peak, and no step left for the cosine decay.
+    raise ConfigError(
+      f"config.optimizer.warmup_steps={cfg.warmup_steps} is longer than "
+      f"config.num_train_steps={num_train_steps}, so the cosine schedule never decays; "
+      "lower warmup_steps or raise num_train_steps."
+    )
   base, w = cfg.learning_rate, max(cfg.warmup_steps, 1)
   decay_steps = max(num_train_steps - w, 1)
 
@@ -43,10 +53,28 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_train_steps: int)
   return schedule
 
 
+def warn_about(cfg: ml_collections.ConfigDict, num_train_steps: int) -> None:
+  """Logs settings that are legal but probably not meant."""
+  if cfg.warmup_steps > num_train_steps:
+    logging.warning(
+      "config.optimizer.warmup_steps=%d outlasts config.num_train_steps=%d: the learning "
+      "rate never reaches its peak.",
+      cfg.warmup_steps,
+      num_train_steps,
+    )
+
+
 def make_optimizer(
   cfg: ml_collections.ConfigDict, num_train_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW (decoupled weight decay) with optional global-norm clipping."""
+  for key in ("b1", "b2"):
+    if not 0.0 <= cfg[key] < 1.0:
+      raise ConfigError(f"config.optimizer.{key} must be in [0, 1); got {cfg[key]}.")
+  if cfg.weight_decay < 0 or cfg.eps < 0:
+    raise ConfigError(
+      f"config.optimizer.weight_decay and eps must be >= 0; got {cfg.weight_decay}, {cfg.eps}."
+    )
   if cfg.grad_clip_norm < 0:
     raise ConfigError(f"config.optimizer.grad_clip_norm must be >= 0; got {cfg.grad_clip_norm}.")
   if cfg.grad_accum_steps < 1:

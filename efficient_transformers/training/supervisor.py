@@ -23,6 +23,14 @@ import tempfile
 
 _CHILD_ENV = "EFFICIENT_TRANSFORMERS_SUPERVISED"
 
+# Variables set by launchers whose clusters jax.distributed detects on its own.
+AUTO_ENV = (
+  "SLURM_JOB_ID",
+  "OMPI_COMM_WORLD_SIZE",
+  "TPU_WORKER_HOSTNAMES",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+)
+
 # Where the coordination service's fatal error starts (on the coordinator, or a worker).
 _FATAL_MARKERS = (
   b"Use error polling to propagate",
@@ -30,14 +38,34 @@ _FATAL_MARKERS = (
   b"Terminating process because the JAX distributed service detected fatal errors",
   b"*** Check failure stack trace: ***",
   b"Fatal Python error:",
+  b"Lost contact with another process of this run:",  # `peer_failure`, from the child.
 )
+# How a collective with a dead peer fails in Python (gloo on CPU; the coordinator's barriers).
+_PEER_FAILURES = (
+  "Gloo",
+  "Connection reset by peer",
+  "Connection closed by peer",
+  "Barrier timed out",
+  "coordination service",
+)
+
+
+def peer_failure(error: BaseException) -> bool:
+  """In a multi-process child: reports `error` to the supervisor if another process's
+  death caused it (returns True; the caller then exits), else returns False."""
+  if not os.environ.get(_CHILD_ENV) or not any(s in str(error) for s in _PEER_FAILURES):
+    return False
+  sys.stderr.write(f"Lost contact with another process of this run: {type(error).__name__}\n")
+  sys.stderr.write(f"{error}\n")
+  sys.stderr.flush()
+  return True
+
+
 _UNHEALTHY = re.compile(rb"unhealthy \(stopped sending heartbeats\):\s*([\d,\s]+)")
 _TASK = re.compile(rb"/task:(\d+)")
 
 
 def _is_multi_process(argv: list[str]) -> bool:
-  from efficient_transformers.training.distributed import AUTO_ENV
-
   given = any(a.split("=", 1)[0] in ("--coordinator_address", "--num_processes") for a in argv)
   return given or any(v in os.environ for v in AUTO_ENV)
 
@@ -79,9 +107,17 @@ def maybe_supervise(argv: list[str]) -> int | None:
   Returns the exit code to end with, or None when this process should run the
   command itself (single-process runs, and the child).
   """
-  if os.environ.get(_CHILD_ENV) or not _is_multi_process(argv[1:]):
+  parent = os.environ.get(_CHILD_ENV)
+  if parent:
+    # The child: if the supervisor is killed (kill -9 included), so is this process,
+    # so that the other processes see it gone instead of an orphan training on.
+    from efficient_transformers import interruptions
+
+    interruptions.end_with_parent(int(parent))
     return None
-  env = {**os.environ, _CHILD_ENV: "1"}
+  if not _is_multi_process(argv[1:]):
+    return None
+  env = {**os.environ, _CHILD_ENV: str(os.getpid())}
   child = subprocess.Popen([sys.executable, *argv], env=env, stderr=subprocess.PIPE)
 
   def forward(signum, frame):
@@ -89,8 +125,16 @@ def maybe_supervise(argv: list[str]) -> int | None:
     if child.poll() is None:
       child.send_signal(signum)
 
-  for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    signal.signal(sig, forward)
+  previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+  try:
+    return _watch(child, argv)
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _watch(child: subprocess.Popen, argv: list[str]) -> int:
+  """Passes the child's stderr on until a fatal coordination error; returns the exit code."""
 
   out = sys.stderr.buffer
   tail, fatal, held = b"", False, []

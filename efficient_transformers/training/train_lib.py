@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from efficient_transformers import paths
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError, ConfigError, UserError
-from efficient_transformers.training import checkpointing, sharding, state
+from efficient_transformers.training import checkpointing, optimizers, sharding, state
 from efficient_transformers.training import workdir as workdir_lib
 from efficient_transformers.training.evaluation import (
   evaluate,
@@ -87,6 +87,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   for key in sorted(config.model.keys()):
     if key.endswith("dropout_rate") and not 0.0 <= config.model[key] < 1.0:
       raise ConfigError(f"config.model.{key} must be in [0, 1); got {config.model[key]}.")
+  optimizers.make_optimizer(config.optimizer, config.num_train_steps)  # Raises on bad values.
+  optimizers.warn_about(config.optimizer, config.num_train_steps)
   if config.checkpoint_every_steps < 0:
     raise ConfigError(
       f"config.checkpoint_every_steps must be >= 0; got {config.checkpoint_every_steps}."
@@ -304,11 +306,6 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
     where = f"from step {last}" if last is not None else "(no checkpoint was saved yet)"
     return f"rerun the same command to resume {where}"
 
-  if is_main:
-    with paths.writing(workdir, then=resume_hint):
-      text = config.to_json_best_effort(indent=2, sort_keys=True)
-      paths.write_text(workdir / "config.json", text)
-
   # ---------------------------------------------------------------- Input.
   # Process 0 makes missing data first so processes sharing a filesystem never
   # generate the same files at once; on separate disks each then makes its own.
@@ -400,6 +397,10 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
   else:
     train_state = state.init_state(setup)
   step = int(jax.device_get(train_state["step"]))
+  if is_main:  # Only now: a run refused above leaves the workdir's config.json as it was.
+    with paths.writing(workdir, then=resume_hint):
+      text = config.to_json_best_effort(indent=2, sort_keys=True)
+      paths.write_text(workdir / "config.json", text)
 
   # ---------------------------------------------------------------- Update step (compiled AOT).
   compiled_train_step, eval_step, eval_memory = _compile(config, spec, setup)
