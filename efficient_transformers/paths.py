@@ -21,6 +21,7 @@ naming the path and what to do.
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Callable
 
 from etils import epath
@@ -117,6 +118,24 @@ _MESSAGES = {
 }
 
 
+class NotEnoughSpaceError(OSError):
+  """A write refused before it starts: `detail` says how much it needs and how much is free."""
+
+  def __init__(self, detail: str):
+    super().__init__(errno.ENOSPC, "No space left on device")
+    self.detail = detail
+
+
+def free_bytes(path) -> int | None:
+  """Free bytes where `path` (or its nearest existing parent) lies; None for a URL."""
+  if is_url(path):
+    return None
+  path = os.fspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
 def fixable_errno(error: BaseException) -> int | None:
   """The errno of a cause the user can fix, found anywhere in `error`'s chain, or None."""
   seen = set()
@@ -132,35 +151,51 @@ def fixable_errno(error: BaseException) -> int | None:
   return None
 
 
-def user_io_error(error: BaseException, path, *, then: str = "") -> WorkdirIOError | None:
+def _chain(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def user_io_error(
+  error: BaseException, path, *, then: str = "", otherwise: str = ""
+) -> WorkdirIOError | None:
   """A one-line WorkdirIOError for `error` at `path`, or None if the user cannot fix it.
 
   Args:
     error: what writing or reading raised.
     path: the directory or file to name.
     then: what happens after the fix, e.g. "rerun the same command to resume".
+    otherwise: another way out, e.g. "pass --results=PATH".
   """
   code = fixable_errno(error)
   if code is None:
     return None
   problem, fix = _FIXES[code]
-  return WorkdirIOError(code, f"{path} {problem}: {fix}{', then ' + then if then else ''}.")
+  detail = next((getattr(e, "detail", "") for e in _chain(error) if getattr(e, "detail", "")), "")
+  problem += f" ({detail})" if detail else ""
+  then = f", then {then}" if then else ""
+  otherwise = f", or {otherwise}" if otherwise else ""
+  return WorkdirIOError(code, f"{path} {problem}: {fix}{then}{otherwise}.")
 
 
 @contextlib.contextmanager
-def writing(path, *, then: "str | Callable[[], str]" = ""):
+def writing(path, *, then: "str | Callable[[], str]" = "", otherwise: str = ""):
   """Rewords a fixable OS error raised inside the block as a one-line WorkdirIOError.
 
   Args:
     path: what to name in the message (the workdir, say).
     then: what to do after the fix, or a function returning it (called only on error).
+    otherwise: another way out.
   """
   try:
     yield
   except WorkdirIOError:
     raise
   except Exception as e:  # noqa: BLE001 - only fixable causes are reworded; others re-raise.
-    error = user_io_error(e, path, then=then() if callable(then) else then)
+    error = user_io_error(e, path, then=then() if callable(then) else then, otherwise=otherwise)
     if error is None:
       raise
     raise error from None

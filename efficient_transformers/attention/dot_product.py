@@ -59,6 +59,12 @@ def resolve_implementation(implementation: str | None, q: jax.Array, k: jax.Arra
   those limits it raises, so auto-selection falls back to XLA instead.
   """
   check_implementation(implementation)
+  if implementation == "cudnn" and _gpu_compute_capability() is None:
+    raise ConfigError(
+      "attention 'dot_product': implementation='cudnn' needs an NVIDIA GPU, and this run's "
+      f"backend is {jax.default_backend()}; leave config.model.attention_kwargs.implementation "
+      "unset (auto: cuDNN where it can run) or set it to 'xla'."
+    )
   if implementation is not None:
     return implementation
   capability = _gpu_compute_capability()

@@ -21,7 +21,7 @@ against length.
 
 import argparse
 import csv
-import os
+import io
 import statistics
 import sys
 import time
@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from efficient_transformers import attention
+from efficient_transformers import attention, paths
 from efficient_transformers.errors import ConfigError, UserError
 from efficient_transformers.models import EncoderClassifier
 
@@ -72,24 +72,33 @@ def _variant_kwargs(name: str, length: int) -> dict:
   return {k: v for k, v in kwargs.items() if k in attention.registry.variant_kwargs(name)}
 
 
+def _create(name: str, length: int, dtype, num_layers: int) -> EncoderClassifier:
+  return EncoderClassifier(
+    num_classes=2,
+    pooling="cls",
+    classifier_dim=TEXT_MODEL["mlp_dim"],
+    vocab_size=VOCAB,
+    max_length=length,
+    attention_name=name,
+    attention_kwargs=_variant_kwargs(name, length + 1),
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+    dtype=None if dtype == jnp.float32 else dtype,
+    rngs=nnx.Rngs(0),
+    **dict(TEXT_MODEL, num_layers=num_layers),
+  )
+
+
+def build_abstract(name: str, length: int, *, dtype, num_layers: int) -> None:
+  """Builds one cell's model abstractly (shapes only): what --dry_run checks."""
+  nnx.eval_shape(lambda: _create(name, length, dtype, num_layers))
+
+
 def build_step(name: str, length: int, batch: int, dtype, num_layers: int):
   """(jitted step, abstract params, abstract batch) for one variant and length."""
 
   def create():
-    return EncoderClassifier(
-      num_classes=2,
-      pooling="cls",
-      classifier_dim=TEXT_MODEL["mlp_dim"],
-      vocab_size=VOCAB,
-      max_length=length,
-      attention_name=name,
-      attention_kwargs=_variant_kwargs(name, length + 1),
-      dropout_rate=0.0,
-      attention_dropout_rate=0.0,
-      dtype=None if dtype == jnp.float32 else dtype,
-      rngs=nnx.Rngs(0),
-      **dict(TEXT_MODEL, num_layers=num_layers),
-    )
+    return _create(name, length, dtype, num_layers)
 
   graphdef, abstract_params, rest = nnx.split(nnx.eval_shape(create), nnx.Param, ...)
   rest = jax.jit(lambda: nnx.split(create(), nnx.Param, ...)[2])()
@@ -246,8 +255,10 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
   axes[1].legend(fontsize=8)
   fig.suptitle(title, fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=120)
   plt.close(fig)
+  paths.write_bytes(path, png.getvalue())
   return True
 
 
@@ -272,9 +283,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--time_max_length", type=int, default=4096, help="time only up to this length"
   )
   parser.add_argument("--num_layers", type=int, default=4, help="LRA: 4 (fewer for quick checks)")
-  parser.add_argument("--out", default=None, help="directory for .md, .csv and .png")
+  parser.add_argument("--out", default=None, help="directory for .md, .csv and .png (or gs://)")
+  parser.add_argument(
+    "--dry_run",
+    action="store_true",
+    help="check the flags, --out and that every variant builds at every length; run nothing",
+  )
   args = parser.parse_args(argv)
   try:
+    from efficient_transformers.training import workdir as workdir_lib
+
+    # Checked now, not after hours of measuring.
+    out = workdir_lib.prepare(args.out, what="--out") if args.out else None
     names = [n.strip() for n in args.attentions.split(",") if n.strip()]
     for n in names:
       attention.get_class(n)
@@ -282,6 +302,15 @@ def main(argv: Sequence[str] | None = None) -> int:
       names.insert(0, "softmax")  # The reference every ratio needs.
     lengths = _ints(args.lengths, "--lengths")
     dtype = jnp.dtype(args.dtype)
+    if args.dry_run:
+      for length in lengths:
+        for name in names:
+          build_abstract(name, length, dtype=dtype, num_layers=args.num_layers)
+      print(
+        f"Dry run: {len(names)} variant(s) x {len(lengths)} length(s) build"
+        + (f"; {out} is writable." if out else ".")
+      )
+      return 0
     rows = []
     for length in lengths:
       for name in names:
@@ -313,20 +342,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   if summary:
     table += "\n\nAgainst the targets (sub-quadratic variants):\n\n" + summary
   print(table)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "attention.md"), "w") as f:
-      f.write(table + "\n")
+  if out:
+    paths.write_text(out / "attention.md", table + "\n")
     keys = [
       "attention", "length", "step_s", "time_vs_softmax", "temp_mib", "total_mib",
       "memory_vs_softmax", "error",
     ]  # fmt: skip
-    with open(os.path.join(args.out, "attention.csv"), "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=keys)
-      writer.writeheader()
-      writer.writerows({k: r.get(k) for k in keys} for r in rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows({k: r.get(k) for k in keys} for r in rows)
+    paths.write_text(out / "attention.csv", buffer.getvalue())
     title = f"{device.device_kind} ({jax.default_backend()}), batch {args.batch}, {args.dtype}"
-    plot(rows, os.path.join(args.out, "attention.png"), title)
+    plot(rows, out / "attention.png", title)
   return 0
 
 

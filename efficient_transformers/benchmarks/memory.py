@@ -37,8 +37,8 @@ JAX version. The default model is the smoke size of configs/lm/byte_lm.py.
 import argparse
 import csv
 import functools
+import io
 import math
-import os
 import statistics
 import sys
 import time
@@ -50,6 +50,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from efficient_transformers import paths
 from efficient_transformers.errors import ConfigError, UserError
 from efficient_transformers.models.decoder import DecoderLM
 
@@ -363,13 +364,13 @@ def _check_flags(args: argparse.Namespace) -> list[int]:
   return contexts
 
 
-def _write(out: str, name: str, table: str, rows: list[dict], keys: Sequence[str]) -> None:
-  with open(os.path.join(out, f"{name}.md"), "w") as f:
-    f.write(table + "\n")
-  with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(keys))
-    writer.writeheader()
-    writer.writerows({k: r.get(k) for k in keys} for r in rows)
+def _write(out, name: str, table: str, rows: list[dict], keys: Sequence[str]) -> None:
+  paths.write_text(out / f"{name}.md", table + "\n")
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=list(keys))
+  writer.writeheader()
+  writer.writerows({k: r.get(k) for k in keys} for r in rows)
+  paths.write_text(out / f"{name}.csv", buffer.getvalue())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   sizes = {k: getattr(args, k) for k in SMOKE_SIZES}
   try:
+    from efficient_transformers.training import workdir as workdir_lib
+
+    out = workdir_lib.prepare(args.out, what="--out") if args.out else None
     contexts = _check_flags(args)
     speed = speed_rows(
       contexts, sizes=sizes, batch=args.batch, eval_segment=args.eval_segment, steps=args.steps
@@ -426,10 +430,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     FOOTPRINT_NOTES,
   )
   print(speed_table + "\n\n" + footprint_table)
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    _write(args.out, "memory_speed", speed_table, speed, SPEED_CSV_KEYS)
-    _write(args.out, "memory_footprint", footprint_table, footprint, FOOTPRINT_CSV_KEYS)
+  if out:
+    _write(out, "memory_speed", speed_table, speed, SPEED_CSV_KEYS)
+    _write(out, "memory_footprint", footprint_table, footprint, FOOTPRINT_CSV_KEYS)
   return 0
 
 

@@ -291,6 +291,7 @@ class Checkpointer:
       metrics = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
     # Decided before writing anything, so a bad best_metric fails without a half-done save.
     improved = metrics is not None and self._improves(metrics)
+    self._check_space(state, copies=1 + improved, step=step)
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data_state=_ProcessJsonSave(data_state),
@@ -330,6 +331,32 @@ class Checkpointer:
       for old in old_best:
         if old != step:
           self._best.delete(old)
+
+  def _check_space(self, state, *, copies: int, step: int) -> None:
+    """Refuses a save that cannot fit, before Orbax starts writing it.
+
+    A save that runs out of space half-way fails in Orbax's threads, each
+    printing its own stack trace; asking first makes a full disk one message.
+    Every process asks about its own disk, and all stop if any would not fit.
+    """
+    free = paths.free_bytes(self.workdir)
+    if free is None:  # A bucket: no space to run out of.
+      return
+    arrays = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    # Room for per-process shards, metadata files and file-system blocks on top.
+    need = int(copies * (1.25 * arrays / jax.process_count() + 64 * 4096))
+    short = free < need
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      short = bool(np.any(multihost_utils.process_allgather(np.asarray(short))))
+    if short:
+      mib = lambda b: f"{b / 2**20:.1f} MiB"
+      raise paths.NotEnoughSpaceError(
+        f"checkpoint step {step} needs about {mib(need)}, {mib(free)} are free"
+        if free < need
+        else f"another process has no room for checkpoint step {step}"
+      )
 
   def _stored_best_value(self) -> float | None:
     """The metric a new best must beat: the one saved with the best step on disk."""

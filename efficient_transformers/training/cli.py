@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from absl import app, flags
 
+from efficient_transformers import paths
 from efficient_transformers.errors import UserError
 
 
@@ -69,10 +70,14 @@ def _unknown_override(argv: list[str]) -> str | None:
 
 
 class _QuietLibraries(logging.Filter):
-  """Drops the INFO chatter of Orbax and Grain (dozens of lines per save)."""
+  """Drops the INFO chatter of Orbax and Grain (dozens of lines per save), and the stack
+  traces Orbax's threads log for a cause the user fixes (a full or read-only disk): the
+  command ends with one line about it."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
+    if noisy and record.exc_info and paths.fixable_errno(record.exc_info[1]) is not None:
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= logging.WARNING or not noisy
 
 
@@ -131,6 +136,13 @@ _HEARTBEAT = flags.DEFINE_integer(
 )
 
 
+def _close_progress_bars() -> None:
+  import tqdm
+
+  for bar in list(getattr(tqdm.tqdm, "_instances", ())):
+    bar.close()
+
+
 def run(main: Callable[[], None]) -> None:
   """Parses flags, joins a multi-host run if asked, runs `main()`; user errors end in one line.
 
@@ -157,6 +169,7 @@ def run(main: Callable[[], None]) -> None:
       )
       main()
     except UserError as e:
+      _close_progress_bars()  # So that the message starts a line of its own.
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
     except Exception as e:

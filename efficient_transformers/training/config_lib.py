@@ -5,6 +5,7 @@ A config arg is a comma-separated list of flags and key=value pairs, e.g.
 accepts; anything else is an error that lists them.
 """
 
+import typing
 from collections.abc import Mapping
 
 import ml_collections
@@ -93,12 +94,25 @@ def attention_defaults(
     if param.default is param.empty:
       raise ConfigError(f"attention {name!r} requires keyword {key!r}; set it in the config.")
     kwargs[key] = param.default
+    if param.default is None:
+      # A typed placeholder: --config.model.attention_kwargs.KEY=VALUE cannot set a
+      # plain None field (ml_collections does not know its type).
+      kwargs[key] = ml_collections.config_dict.placeholder(_optional_type(param.annotation))
   if smoke:
     kwargs.update(SMOKE_ATTENTION_KWARGS.get(name, {}))
   if sequence_length is not None and "max_length" in declared:
     kwargs["max_length"] = sequence_length
   # Allow None-valued defaults to be overridden by a value of another type.
   return ml_collections.ConfigDict(kwargs, type_safe=False)
+
+
+def _optional_type(annotation) -> type:
+  """`str` for `str | None` (or "str | None"); `object` if it cannot tell."""
+  if isinstance(annotation, str):
+    names = [a.strip() for a in annotation.split("|") if a.strip() != "None"]
+    return {"str": str, "int": int, "float": float, "bool": bool}.get(names[0], object)
+  args = [a for a in typing.get_args(annotation) if a is not type(None)]
+  return args[0] if len(args) == 1 and isinstance(args[0], type) else object
 
 
 # Logical axis -> mesh axes: the one table mapping the names the models use.

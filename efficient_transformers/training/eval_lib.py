@@ -33,7 +33,7 @@ def parse_which(value: str) -> str | int:
 def _check_writable(path) -> None:
   """Fails now, in one line, if `path` cannot be written: not after a whole evaluation."""
   probe = path.parent / f".{path.name}.write-test-{jax.process_index()}"
-  with paths.writing(path.parent, then="or pass --results=PATH to write the results elsewhere"):
+  with paths.writing(path.parent, otherwise="pass --results=PATH to write the results elsewhere"):
     path.parent.mkdir(parents=True, exist_ok=True)
     probe.write_text("")
     probe.unlink()

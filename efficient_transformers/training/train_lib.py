@@ -287,9 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
     spec = tasks.describe(config)  # A config error surfaces before any data is made.
     process_index, process_count = jax.process_index(), jax.process_count()
     workdir = workdir_lib.prepare(workdir)
-    lock = workdir_lib.acquire_for_run(
-      workdir, process_index=process_index, process_count=process_count
-    )
+    with paths.writing(workdir):  # The lock records its holder: a full disk says so.
+      lock = workdir_lib.acquire_for_run(
+        workdir, process_index=process_index, process_count=process_count
+      )
     try:
       return _train(config, spec, workdir, lock, preemption)
     finally:
