@@ -146,21 +146,38 @@ def test_workdir_that_is_a_file(tmp_path, data_dir):
   assert not_a_dir.read_text() == "keep"
 
 
-@pytest.mark.parametrize(
-  "flag,needle",
-  [
-    ("--config.optimizer.learning_rate=-1", "config.optimizer.learning_rate must be > 0; got -1"),
-    ("--config.model.dropout_rate=1.5", "config.model.dropout_rate must be in [0, 1); got 1.5"),
-    (
-      "--config.model.attention_dropout_rate=-0.1",
-      "config.model.attention_dropout_rate must be in [0, 1)",
-    ),
-    ("--config.optimizer.warmup_steps=9", "cosine schedule never decays"),
-  ],
-)
-def test_nonsense_values_are_refused_and_the_workdir_kept(trained, flag, needle):
+def test_nonsense_value_is_refused_and_the_workdir_kept(trained):
   workdir, flags = trained
   before = _files(workdir)
-  proc = run_cli("train.py", *flags, "--config.num_train_steps=4", flag, f"--workdir={workdir}")
-  _assert_clean_error(proc, needle)
+  proc = run_cli(
+    "train.py",
+    *flags,
+    "--config.num_train_steps=4",
+    "--config.optimizer.learning_rate=-1",
+    f"--workdir={workdir}",
+  )
+  _assert_clean_error(proc, "config.optimizer.learning_rate must be >= 0; got -1")
   assert _files(workdir) == before
+
+
+@pytest.mark.parametrize(
+  "key,value,needle",
+  [
+    ("model.dropout_rate", 1.5, "config.model.dropout_rate must be in [0, 1); got 1.5"),
+    ("model.attention_dropout_rate", -0.1, "config.model.attention_dropout_rate must be in"),
+    ("optimizer.warmup_steps", 9, "cosine schedule never decays"),
+    ("optimizer.b2", 1.0, "config.optimizer.b2 must be in [0, 1)"),
+  ],
+)
+def test_other_nonsense_values_are_config_errors(key, value, needle, data_dir):
+  # The same check as above, before anything touches a workdir; in-process, so cheap.
+  from efficient_transformers.errors import ConfigError
+  from efficient_transformers.training import train_lib
+  from tests.helpers import tiny_config
+
+  config = tiny_config(data_dir, steps=4)
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError) as error:
+    train_lib._check_config(config)
+  assert needle in str(error.value)

@@ -32,14 +32,12 @@ EXTRA_ARGS = {
     "memory=none,smoke",
     "memory=compressive,smoke",
     "memory=rmt,smoke",
-    "memory=rmt,corpus=enwik8",
-  ],
+  ],  # The README's memory=rmt,corpus=enwik8 runs in tests/test_readme.py.
   "configs/lra/text.py": ["length=4000,segment=512,attention=local"],
 }
 # Transformer-XL's enwik8 batch of 22 does not split over the tests' 8 devices; on 8
 # devices a user lays the mesh out so that it does (the dry run says so otherwise).
 MESH = {("configs/lm/byte_lm.py", None): {"data": 2, "tensor": 4}}
-MESH[("configs/lm/byte_lm.py", "memory=rmt,corpus=enwik8")] = MESH[("configs/lm/byte_lm.py", None)]
 CASES = [(f, arg) for f in _config_files() for arg in [None, "smoke", *EXTRA_ARGS.get(f, [])]]
 
 

@@ -113,7 +113,7 @@ def test_reduced_tflops_listops_and_attention_rows(reduced_run):
 def test_rerunning_one_part_keeps_the_others(reduced_run, monkeypatch):
   _, out = reduced_run
   failed = dict(implementation="softmax", causal=False, length=8, batch=1, error="boom")
-  monkeypatch.setattr(gpu_check, "run_tflops", lambda *a: [failed])
+  monkeypatch.setattr(gpu_check.cli, "run_tflops", lambda *a: [failed])
   # Its one cell failed, so the part failed (exit code 3); the earlier parts stay.
   assert gpu_check.main(["--reduced", "--parts=tflops", f"--out={out}"]) == 3
   report = (out / "gpu_check.md").read_text()
@@ -124,12 +124,12 @@ def test_rerunning_one_part_keeps_the_others(reduced_run, monkeypatch):
 
 
 def test_exit_code_says_whether_correctness_passed(tmp_path, monkeypatch):
-  monkeypatch.setattr(gpu_check, "run_correctness", lambda *a: ([], False, ""))
+  monkeypatch.setattr(gpu_check.cli, "run_correctness", lambda *a: ([], False, ""))
 
   def crash(*args):
     raise RuntimeError("broken part")
 
-  monkeypatch.setattr(gpu_check, "run_tflops", crash)
+  monkeypatch.setattr(gpu_check.cli, "run_tflops", crash)
   argv = ["--reduced", f"--out={tmp_path}"]
   assert gpu_check.main([*argv, "--parts=correctness,tflops"]) == 1
   report = (tmp_path / "gpu_check.md").read_text()
@@ -154,7 +154,7 @@ def test_compare_catches_a_wrong_result():
 
 
 def test_compare_catches_an_attention_that_ignores_the_mask():
-  q, k, v, do, mask = gpu_check._inputs((3, 32, 2, 16), jnp.bfloat16)
+  q, k, v, do, mask = gpu_check.exact._inputs((3, 32, 2, 16), jnp.bfloat16)
   f32 = [a.astype(jnp.float32) for a in (q, k, v)]
   ref = attention.softmax_attention(*f32, mask=mask)
   baseline = attention.softmax_attention(q, k, v, mask=mask)

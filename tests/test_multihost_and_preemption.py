@@ -269,8 +269,8 @@ def test_a_killed_process_ends_the_other_in_one_line_and_a_rerun_resumes(tmp_pat
     CONFIG,
     f"--config.data_dir={tmp_path / 'data'}",
     *TINY_FLAGS,
-    "--config.num_train_steps=200",
-    "--config.eval_every_steps=100",
+    "--config.num_train_steps=120",
+    "--config.eval_every_steps=60",
     "--config.checkpoint_every_steps=20",
     "--heartbeat_timeout_seconds=10",
   ]
@@ -299,7 +299,7 @@ def test_a_killed_process_ends_the_other_in_one_line_and_a_rerun_resumes(tmp_pat
   logs = [open(tmp_path / f"process_{i}.err", "w+") for i in range(2)]  # noqa: SIM115
   procs = start(_free_port(), logs)
   try:
-    _wait_for_step(workdir, 50, procs[0])
+    _wait_for_step(workdir, 30, procs[0])
     procs[1].kill()  # Its supervisor: the trainer under it must go too.
     procs[0].wait(timeout=200)
   finally:
@@ -327,4 +327,4 @@ def test_a_killed_process_ends_the_other_in_one_line_and_a_rerun_resumes(tmp_pat
     log.seek(0)
     assert p.returncode == 0, log.read()[-3000:]
   assert "Resumed from" in open(tmp_path / "rerun_0.err").read()
-  assert max(_records(workdir, "validation")) == 200
+  assert max(_records(workdir, "validation")) == 120

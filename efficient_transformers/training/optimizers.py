@@ -28,8 +28,8 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_train_steps: int)
     )
   if cfg.warmup_steps < 0:
     raise ConfigError(f"config.optimizer.warmup_steps must be >= 0; got {cfg.warmup_steps}.")
-  if not cfg.learning_rate > 0:
-    raise ConfigError(f"config.optimizer.learning_rate must be > 0; got {cfg.learning_rate}.")
+  if not cfg.learning_rate >= 0:  # 0 is a frozen run (e.g. checking init_from); < 0 ascends.
+    raise ConfigError(f"config.optimizer.learning_rate must be >= 0; got {cfg.learning_rate}.")
   if cfg.schedule == "cosine" and cfg.warmup_steps > num_train_steps:
     # The run would end mid-warmup: no peak, and no step left for the cosine decay.
     raise ConfigError(
