@@ -85,20 +85,35 @@ TINY_FLAGS = [
 ]
 
 
-def cli_env(num_devices: int = 1) -> dict:
+def cli_env(num_devices: int = 1, *, fast_compile: bool = True) -> dict:
+  """The environment of a command-line test: `num_devices` CPU devices.
+
+  fast_compile: LLVM -O0, as in conftest.py. Most command-line tests run a few steps of a
+  tiny model and spend their time compiling; those that train hundreds of steps run
+  faster without it.
+  """
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  if fast_compile:
+    env["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONUNBUFFERED"] = "1"
   return env
 
 
-def run_cli(script: str, *args: str, num_devices: int = 1, timeout: int = 300, **kw):
+def run_cli(
+  script: str,
+  *args: str,
+  num_devices: int = 1,
+  timeout: int = 300,
+  fast_compile: bool = True,
+  **kw,
+):
   """Runs `python script args...` from the repo root; returns the CompletedProcess."""
   return subprocess.run(
     [sys.executable, os.path.join(REPO, script), *args],
     cwd=REPO,
-    env=cli_env(num_devices),
+    env=cli_env(num_devices, fast_compile=fast_compile),
     capture_output=True,
     text=True,
     timeout=timeout,

@@ -132,7 +132,7 @@ def reference(tmp_path_factory):
     "--config.eval_every_steps=100",
     "--config.checkpoint_every_steps=1000",  # Only a preemption save lands mid-run.
   ]
-  ref = run_cli("train.py", *flags, f"--workdir={root / 'ref'}")
+  ref = run_cli("train.py", *flags, f"--workdir={root / 'ref'}", fast_compile=False)
   assert ref.returncode == 0, ref.stderr[-3000:]
   return flags, root / "ref", root / "data"
 
@@ -141,7 +141,7 @@ def _start(flags, workdir, **kw):
   return subprocess.Popen(
     [sys.executable, os.path.join(REPO, "train.py"), *flags, f"--workdir={workdir}"],
     cwd=REPO,
-    env=cli_env(1),
+    env=cli_env(1, fast_compile=False),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
@@ -167,7 +167,7 @@ def test_sigterm_then_rerun_matches_uninterrupted(tmp_path, reference):
   proc = subprocess.Popen(
     [sys.executable, os.path.join(REPO, "train.py"), *flags, f"--workdir={cut_dir}"],
     cwd=REPO,
-    env=cli_env(1),
+    env=cli_env(1, fast_compile=False),
     stdout=subprocess.DEVNULL,
     stderr=subprocess.PIPE,
     text=True,
@@ -188,7 +188,7 @@ def test_sigterm_then_rerun_matches_uninterrupted(tmp_path, reference):
   ckpt.close()
   assert stopped is not None and 20 <= stopped < steps, stopped
 
-  rerun = run_cli("train.py", *flags, f"--workdir={cut_dir}")
+  rerun = run_cli("train.py", *flags, f"--workdir={cut_dir}", fast_compile=False)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
 
   ref_step, ref_params = _final_params(str(ref_dir), config)
@@ -224,7 +224,7 @@ def test_kill_9_then_rerun_logs_each_step_once(tmp_path, reference):
   logged = [r["step"] for r in map(json.loads, (cut_dir / "metrics.jsonl").open())]
   assert max(logged) > 40
 
-  rerun = run_cli("train.py", *flags, *every, f"--workdir={cut_dir}")
+  rerun = run_cli("train.py", *flags, *every, f"--workdir={cut_dir}", fast_compile=False)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   with open(cut_dir / "metrics.jsonl") as f:
     records = [json.loads(line) for line in f]
@@ -289,7 +289,7 @@ def test_a_killed_process_ends_the_other_in_one_line_and_a_rerun_resumes(tmp_pat
           f"--process_id={i}",
         ],
         cwd=REPO,
-        env=cli_env(2),
+        env=cli_env(2, fast_compile=False),
         stdout=subprocess.DEVNULL,
         stderr=logs[i],
       )

@@ -73,6 +73,7 @@ def test_init_from_takes_parameters_only(tmp_path, data_dir):
   target.init_from = str(tmp_path / "source")
   target.optimizer.grad_clip_norm = 1.0  # Another optimizer state: must not matter.
   target.optimizer.learning_rate = 0.0  # So the one step leaves the parameters as loaded.
+  target.optimizer.warmup_steps = 1  # A cosine warmup longer than the run is refused.
   target.eval_every_steps = 1
   train_and_evaluate(target, str(tmp_path / "target"))
   task = tasks.load(target)

@@ -170,13 +170,18 @@ def _build(config: ml_collections.ConfigDict, spec: tasks.TaskSpec):
   return setup
 
 
+def _compile_train_step(config: ml_collections.ConfigDict, spec: tasks.TaskSpec, setup):
+  batch_spec = setup.batch_spec(batch_fields(spec, 1, stream_lengths(config)[0]), config.batch_size)
+  return setup.compile_train_step(
+    batch_spec, seed=config.seed, grad_accum_steps=config.optimizer.grad_accum_steps
+  )
+
+
 def _compile(config: ml_collections.ConfigDict, spec: tasks.TaskSpec, setup: state.TrainSetup):
   """(compiled train step, compiled eval step, eval memory lengths) for the config's shapes."""
   train_length, eval_length = stream_lengths(config)
   batch_spec = setup.batch_spec(batch_fields(spec, 1, train_length), config.batch_size)
-  compiled_train_step = setup.compile_train_step(
-    batch_spec, seed=config.seed, grad_accum_steps=config.optimizer.grad_accum_steps
-  )
+  compiled_train_step = _compile_train_step(config, spec, setup)
   eval_memory = {}
   if spec.stream:
     eval_spec = setup.batch_spec(batch_fields(spec, 1, eval_length), config.batch_size)
@@ -205,15 +210,15 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
 
   What a user runs before booking a pod: the config is checked, the model is
   built abstractly (shapes from the config and the task's declared vocabulary
-  and lengths), and the train and eval steps are compiled ahead of time on
-  this run's devices. Returns (and the command line prints) the parameter
+  and lengths), and the train step is compiled ahead of time on this run's
+  devices. Returns (and the command line prints) the parameter
   count, per-device memory and FLOPs per step.
   """
   _check_config(config)
   spec = tasks.describe(config)
   setup = _build(config, spec)
   t0 = time.perf_counter()
-  train_step, eval_step, _ = _compile(config, spec, setup)
+  train_step = _compile_train_step(config, spec, setup)
   compile_s = time.perf_counter() - t0
   mib = lambda b: b / 2**20
   report = {
@@ -242,9 +247,6 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   if "flops" in cost:
     report["flops_per_device"] = cost["flops"]
     report["flops"] = cost["flops"] * jax.device_count()
-  eval_memory = eval_step.memory_analysis()
-  if eval_memory is not None:
-    report["eval_temp_mib"] = mib(eval_memory.temp_size_in_bytes)
   return report
 
 
@@ -266,8 +268,6 @@ def format_dry_run(report: dict) -> str:
       f"FLOPs per train step: {report['flops']:.4g} ({report['flops_per_device']:.4g} per "
       "device, XLA's cost analysis)."
     )
-  if "eval_temp_mib" in report:
-    lines.append(f"Eval step temporaries per device: {report['eval_temp_mib']:.1f} MiB.")
   lines.append("The step compiles for these devices; nothing was read, trained or written.")
   return "\n".join(lines)
 
