@@ -17,8 +17,9 @@ import os, sys, time
 sys.stderr.write("step 50 train: loss=2.3\n 2%|##  | 59/3000 [00:08<08:37]")
 sys.stderr.flush()
 time.sleep(0.2)
+# A progress bar leaves its line open; the abort's log line may or may not close it.
 sys.stderr.write(
-  "\nE1202 18:52:08.397507 coordination_service.cc:1549] Use error polling to propagate the "
+  ("" if "--open" in sys.argv else "\n") + "E1202 18:52:08.397507 coordination_service.cc:1549] Use error polling to propagate the "
   "following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped "
   "sending heartbeats):\n1\nThe tasks have crashed.\n"
   "F1202 18:52:08.398147 client.h:80] Terminating process because the JAX distributed "
@@ -40,11 +41,14 @@ def fake(tmp_path):
   return str(path)
 
 
-def test_fatal_coordination_error_becomes_one_line_and_a_log(fake, tmp_path, capfd, monkeypatch):
+@pytest.mark.parametrize("bar", ["closed", "open"])
+def test_fatal_coordination_error_becomes_one_line_and_a_log(
+  fake, tmp_path, capfd, monkeypatch, bar
+):
   monkeypatch.delenv("EFFICIENT_TRANSFORMERS_SUPERVISED", raising=False)
   workdir = tmp_path / "run"
   argv = [fake, "--coordinator_address=h:1", "--num_processes=2", "--process_id=0"]
-  argv += [f"--workdir={workdir}", "--crash"]
+  argv += [f"--workdir={workdir}"] + (["--open"] if bar == "open" else []) + ["--crash"]
   handlers = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)]
   code = supervisor.maybe_supervise(argv)
   assert [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)] == handlers

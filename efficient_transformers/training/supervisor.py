@@ -138,6 +138,7 @@ def _watch(child: subprocess.Popen, argv: list[str]) -> int:
 
   out = sys.stderr.buffer
   tail, fatal, held = b"", False, []
+  last = b"\n"  # The last byte passed on: a progress bar leaves its line open.
   fd = child.stderr.fileno()
   while chunk := os.read(fd, 1 << 16):
     if not fatal:
@@ -146,6 +147,7 @@ def _watch(child: subprocess.Popen, argv: list[str]) -> int:
       if cut < 0:
         out.write(chunk)
         out.flush()
+        last = chunk[-1:]
         tail = window[-4096:]
         continue
       # Pass on what came before the marker's line; hold the rest back.
@@ -153,12 +155,16 @@ def _watch(child: subprocess.Popen, argv: list[str]) -> int:
       before = max(line_start - len(tail), 0)
       out.write(chunk[:before])
       out.flush()
+      last = chunk[:before][-1:] or last
       held.append(tail[-4096:] + chunk[:before] if before else window[:line_start][-4096:])
       held.append(chunk[before:])
       fatal = True
     else:
       held.append(chunk)
   returncode = child.wait()
+  if last != b"\n":
+    out.write(b"\n")  # The error line below must start a line of its own.
+    out.flush()
   if not fatal:
     if returncode < 0:
       print(
