@@ -86,7 +86,7 @@ def test_cls_token_is_prepended_and_tokens_take_positions_from_one():
   table = sinusoidal_table(ENCODER["max_length"] + 1, 16)
   tokens = model.encoder.embed.tokens(ids)[0] + table[1:4]  # Positions 1..L.
   expected = jnp.concatenate([model.encoder.cls[...][None], tokens], axis=0)
-  np.testing.assert_allclose(features[0], model.encoder.final_norm(expected), atol=1e-5)
+  np.testing.assert_allclose(features[0], model.encoder.stack.final_norm(expected), atol=1e-5)
 
 
 def test_dropout_is_active_only_in_training():

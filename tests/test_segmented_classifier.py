@@ -47,9 +47,9 @@ def reference_memory(model, segment, memory):
   tokens = model.embed.tokens(segment) + sinusoidal_table(M + S, D)[M:]  # Positions M.. on.
   x = jnp.concatenate([memory, tokens], axis=1)
   mask = jnp.concatenate([jnp.ones((segment.shape[0], M), bool), segment != 0], axis=1)
-  for block in model.blocks:
+  for block in model.stack.blocks:
     x = block(x, mask=mask)
-  return model.final_norm(x)[:, :M]
+  return model.stack.final_norm(x)[:, :M]
 
 
 def reference_logits(model, ids):

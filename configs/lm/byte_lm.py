@@ -5,11 +5,20 @@ Run:
   python train.py --config=configs/lm/byte_lm.py:smoke --workdir=workdirs/byte_lm_smoke
   python train.py --config=configs/lm/byte_lm.py:memory=rmt,smoke --workdir=...
   python train.py --config=configs/lm/byte_lm.py:corpus=enwik8 --workdir=...
+  python train.py --config=configs/lm/byte_lm.py:attention=performer,smoke --workdir=...
   python eval.py  --config=configs/lm/byte_lm.py --workdir=workdirs/byte_lm  # bits_per_byte
 
 Memory (`memory=`): none (a plain causal decoder over each segment),
 transformer_xl (Dai et al. 2019), compressive (Rae et al. 2020), rmt (Bulatov
-et al. 2022).
+et al. 2022). The default is transformer_xl with softmax attention, none with
+any other.
+
+Attention (`attention=`): any variant that can be causal
+(`attention.available(causal=True)`: softmax, dot_product, memory_efficient,
+local, sparse, longformer, reformer, linear, performer, sinkhorn,
+synthesizer), with memory=none; its keyword arguments are in
+config.model.attention_kwargs (the smoke sizes in the smoke config). The
+memory stacks run softmax over [memory; segment] only, for now.
 
 Data (`corpus=`): `stdlib` (default) is built offline, deterministically, from
 this Python's standard-library sources into data_dir on first use; `enwik8`
@@ -25,11 +34,13 @@ the release; it evaluated segments of 128, here evaluation segments are
 memory of 512 at rate 3 (the paper's); RMT: 10 memory tokens, gradients
 through 2 segments per step.
 
-Config args (comma-separated): smoke, memory=NAME, corpus=stdlib|enwik8|text8.
+Config args (comma-separated): smoke, memory=NAME, attention=NAME,
+corpus=stdlib|enwik8|text8.
 """
 
 import ml_collections
 
+from efficient_transformers import attention
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.training import config_lib
 
@@ -39,12 +50,25 @@ MEMORIES = ("none", "transformer_xl", "compressive", "rmt")
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
     arg,
-    {"smoke": False, "memory": "transformer_xl", "corpus": "stdlib"},
+    {"smoke": False, "memory": "", "attention": "softmax", "corpus": "stdlib"},
     config_file="configs/lm/byte_lm.py",
   )
+  if not args["memory"]:
+    args["memory"] = "transformer_xl" if args["attention"] == "softmax" else "none"
   if args["memory"] not in MEMORIES:
     raise ConfigError(
       f"configs/lm/byte_lm.py: memory={args['memory']!r} is unknown; valid: {', '.join(MEMORIES)}."
+    )
+  causal = attention.available(causal=True)
+  if args["attention"] not in causal:
+    raise ConfigError(
+      f"configs/lm/byte_lm.py: attention={args['attention']!r} is not a causal attention; "
+      f"valid: {', '.join(causal)}."
+    )
+  if args["memory"] != "none" and args["attention"] != "softmax":
+    raise ConfigError(
+      f"configs/lm/byte_lm.py: memory={args['memory']} runs softmax attention over "
+      f"[memory; segment] only; use memory=none with attention={args['attention']}."
     )
   c = config_lib.training_base(task="byte_lm", data_dir=f"data/lm/{args['corpus']}")
   c.data.corpus = args["corpus"]
@@ -53,6 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model.kind = "decoder_lm"
   c.model.memory = args["memory"]
+  c.model.attention = args["attention"]
   c.model.num_layers = 12
   c.model.emb_dim = 512
   c.model.num_heads = 8
@@ -110,4 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_eval_batches = 20
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 20
+  c.model.attention_kwargs = config_lib.attention_defaults(
+    args["attention"], smoke=args["smoke"], sequence_length=c.model.segment_length
+  )
   return config_lib.finalize(c)

@@ -33,7 +33,16 @@ class MultiHeadAttention(nnx.Module):
   the output projection, identically for every variant: fused kernels (cuDNN,
   the chunked memory-efficient form, linear attentions) never materialize the
   attention-probability matrix that classic attention dropout would act on.
+
+  Capabilities are class attributes, so a model can check a combination
+  before building anything (`registry.available(causal=True)`):
+    supports_causal: the variant can run with causal=True (a query sees no
+      later key, and no later token changes its output); if not,
+      `why_not_causal` says why.
   """
+
+  supports_causal: bool = True
+  why_not_causal: str = ""
 
   def __init__(
     self,

@@ -490,6 +490,9 @@ class BigBirdAttention(MultiHeadAttention):
     num_random_blocks: random blocks per (head, query block) (default 3).
   """
 
+  supports_causal = False
+  why_not_causal = _NOT_CAUSAL
+
   def __init__(
     self,
     *,

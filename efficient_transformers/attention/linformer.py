@@ -139,6 +139,9 @@ class LinformerAttention(MultiHeadAttention):
   Xavier-uniform initialized per head. Cross-layer sharing is not supported.
   """
 
+  supports_causal = False
+  why_not_causal = _NOT_CAUSAL
+
   def __init__(
     self,
     *,

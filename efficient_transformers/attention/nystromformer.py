@@ -184,6 +184,9 @@ class NystromformerAttention(MultiHeadAttention):
       [conv_kernel_size, heads].
   """
 
+  supports_causal = False
+  why_not_causal = _NOT_CAUSAL
+
   def __init__(
     self,
     *,

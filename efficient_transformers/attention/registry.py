@@ -47,9 +47,9 @@ def register(name: str):
   return wrap
 
 
-def available() -> list[str]:
-  """The registered attention names, sorted."""
-  return sorted(_REGISTRY)
+def available(*, causal: bool | None = None) -> list[str]:
+  """The registered attention names, sorted; `causal=True` keeps those that can be causal."""
+  return sorted(n for n, c in _REGISTRY.items() if causal is None or c.supports_causal == causal)
 
 
 def get_class(name: str) -> type:
@@ -88,10 +88,16 @@ def make(
   with `y.shape == x.shape`.
 
   Raises:
-    ConfigError: for an unknown name (listing the valid ones) or a keyword
-      argument the variant does not take (listing the ones it does).
+    ConfigError: for an unknown name (listing the valid ones), causal=True
+      for a variant that cannot be causal (listing those that can), or a
+      keyword argument the variant does not take (listing the ones it does).
   """
   cls = get_class(name)
+  if causal and not cls.supports_causal:
+    raise ConfigError(
+      f"attention {name!r} cannot be causal (causal=True: {cls.why_not_causal}); causal variants: "
+      f"{', '.join(available(causal=True))}."
+    )
   allowed = variant_kwargs(name)
   common = {k: kwargs.pop(k) for k in ("dtype", "param_dtype") if k in kwargs}
   unknown = sorted(set(kwargs) - set(allowed))

@@ -2,8 +2,9 @@
 
 `memory` selects the stack between the token embedding and the output head:
 
-  "none"            a plain pre-LN causal decoder (EncoderBlock, exact causal
-                    softmax attention); absolute sinusoidal positions from
+  "none"            a plain pre-LN causal decoder (the shared `Stack`) with any
+                    attention that can be causal (`attention.available(
+                    causal=True)`); absolute sinusoidal positions from
                     TokenEmbedding, restarting every segment; no memory ({}).
   "transformer_xl"  TransformerXL: relative positions, memory of mem_len slots.
   "compressive"     CompressiveTransformer: plus cmem_len compressed slots.
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.layers import TokenEmbedding, layer_norm, param_axes
+from efficient_transformers.layers import TokenEmbedding, param_axes
 from efficient_transformers.memory import (
   CompressiveTransformer,
   RecurrentMemoryTransformer,
@@ -30,48 +31,16 @@ from efficient_transformers.memory import (
   reset_memory,
   truncated_bptt,
 )
-from efficient_transformers.models.encoder import EncoderBlock
+from efficient_transformers.models.stack import Stack
 
 MEMORY_KINDS = ("none", "transformer_xl", "compressive", "rmt")
 
 
-class CausalDecoder(nnx.Module):
-  """The memory="none" stack: causal EncoderBlocks and a final LayerNorm; memory is {}."""
+class CausalDecoder(Stack):
+  """The memory="none" stack: a causal `Stack` with the memory interface; memory is {}."""
 
-  def __init__(
-    self,
-    *,
-    num_layers: int,
-    features: int,
-    num_heads: int,
-    head_dim: int,
-    mlp_dim: int,
-    dropout_rate: float,
-    attention_dropout_rate: float,
-    rngs: nnx.Rngs,
-    dtype=None,
-    param_dtype=jnp.float32,
-  ):
-    self.blocks = nnx.List(
-      [
-        EncoderBlock(
-          features=features,
-          num_heads=num_heads,
-          head_dim=head_dim,
-          mlp_dim=mlp_dim,
-          attention_name="softmax",
-          attention_kwargs={},
-          dropout_rate=dropout_rate,
-          attention_dropout_rate=attention_dropout_rate,
-          causal=True,
-          rngs=rngs,
-          dtype=dtype,
-          param_dtype=param_dtype,
-        )
-        for _ in range(num_layers)
-      ]
-    )
-    self.final_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+  def __init__(self, **kwargs):
+    super().__init__(causal=True, **kwargs)
 
   def init_memory(self, batch_size: int) -> dict:
     del batch_size
@@ -80,9 +49,7 @@ class CausalDecoder(nnx.Module):
   def call_with_aux(self, x, memory, *, mask=None, reset=None, deterministic=True):
     """x [batch, seg, features] -> (y [batch, seg, features], {}, {})."""
     del memory, reset
-    for block in self.blocks:
-      x = block(x, mask=mask, deterministic=deterministic)
-    return self.final_norm(x), {}, {}
+    return self(x, mask=mask, deterministic=deterministic), {}, {}
 
 
 class DecoderLM(nnx.Module):
@@ -96,6 +63,9 @@ class DecoderLM(nnx.Module):
     dropout_rate: residual, MLP and embedding dropout.
     attention_dropout_rate: dropout on per-head attention outputs.
     memory: one of MEMORY_KINDS.
+    attention_name, attention_kwargs: the causal attention of memory="none",
+      as `attention.make` takes them. The memory stacks have attention of
+      their own (softmax over [memory; segment]) and take only "softmax".
     mem_len: Transformer-XL / compressive memory slots per layer.
     cmem_len, compression, compression_rate: the compressive memory.
     num_memory_tokens: RMT memory vectors.
@@ -116,6 +86,8 @@ class DecoderLM(nnx.Module):
     dropout_rate: float = 0.1,
     attention_dropout_rate: float = 0.0,
     memory: str = "none",
+    attention_name: str = "softmax",
+    attention_kwargs: dict | None = None,
     mem_len: int = 0,
     cmem_len: int = 0,
     compression: str = "conv",
@@ -137,6 +109,12 @@ class DecoderLM(nnx.Module):
       raise ConfigError(
         f"config.model.segment_length={segment_length} must be a multiple of "
         f"config.model.compression_rate={compression_rate}."
+      )
+    if memory != "none" and attention_name != "softmax":
+      raise ConfigError(
+        f"memory={memory!r} takes attention 'softmax' only (its attention runs over "
+        f"[memory; segment]); got attention {attention_name!r}. Use memory='none' for "
+        "another attention."
       )
     self.memory_kind = memory
     self.segment_length = segment_length
@@ -165,7 +143,9 @@ class DecoderLM(nnx.Module):
       param_dtype=param_dtype,
     )
     if memory == "none":
-      self.stack = CausalDecoder(**sizes)
+      self.stack = CausalDecoder(
+        attention_name=attention_name, attention_kwargs=attention_kwargs, **sizes
+      )
     elif memory == "transformer_xl":
       self.stack = TransformerXL(mem_len=mem_len, **sizes)
     elif memory == "compressive":

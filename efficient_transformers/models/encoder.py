@@ -1,76 +1,19 @@
 """The pre-LayerNorm Transformer encoder that every attention variant plugs into.
 
-One encoder for every variant (the original LRA code copied it per model): the
-attention is chosen by name through `attention.make`.
+One encoder for every variant (the original LRA code copied it per model): token
+and position embeddings, then the shared `Stack` with the attention chosen by name.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers import attention
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.layers import (
-  ACTIVATION_AXES,
-  FeedForward,
-  TokenEmbedding,
-  constrain,
-  layer_norm,
-  param_axes,
-)
+from efficient_transformers.layers import ACTIVATION_AXES, TokenEmbedding, constrain, param_axes
+from efficient_transformers.models.stack import Block, Stack
 
-
-class EncoderBlock(nnx.Module):
-  """x + Attention(LN(x)), then x + MLP(LN(x)); shapes [batch, length, features]."""
-
-  def __init__(
-    self,
-    *,
-    features: int,
-    num_heads: int,
-    head_dim: int,
-    mlp_dim: int,
-    attention_name: str,
-    attention_kwargs: dict,
-    dropout_rate: float,
-    attention_dropout_rate: float,
-    causal: bool = False,
-    rngs: nnx.Rngs,
-    dtype=None,
-    param_dtype=jnp.float32,
-  ):
-    self.attention_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.attention = attention.make(
-      attention_name,
-      in_features=features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=attention_dropout_rate,
-      causal=causal,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      **attention_kwargs,
-    )
-    self.mlp_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.mlp = FeedForward(
-      features,
-      mlp_dim,
-      dropout_rate=dropout_rate,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
-    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-
-  def __call__(
-    self, x: jax.Array, *, mask: jax.Array | None, deterministic: bool = True
-  ) -> jax.Array:
-    h = self.attention(self.attention_norm(x), mask=mask, deterministic=deterministic)
-    x = x + self.dropout(h, deterministic=deterministic)
-    h = self.mlp(self.mlp_norm(x), deterministic=deterministic)
-    x = x + self.dropout(h, deterministic=deterministic)
-    return constrain(x, ACTIVATION_AXES)
+# The block every model shares, under the name it had before `Stack` existed.
+EncoderBlock = Block
 
 
 class Encoder(nnx.Module):
@@ -121,26 +64,21 @@ class Encoder(nnx.Module):
         **param_axes("embed"),
       )
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-    self.blocks = nnx.List(
-      [
-        EncoderBlock(
-          features=emb_dim,
-          num_heads=num_heads,
-          head_dim=qkv_dim // num_heads,
-          mlp_dim=mlp_dim,
-          attention_name=attention_name,
-          attention_kwargs=dict(attention_kwargs or {}),
-          dropout_rate=dropout_rate,
-          attention_dropout_rate=attention_dropout_rate,
-          causal=causal,
-          rngs=rngs,
-          dtype=dtype,
-          param_dtype=param_dtype,
-        )
-        for _ in range(num_layers)
-      ]
+    self.stack = Stack(
+      num_layers=num_layers,
+      features=emb_dim,
+      num_heads=num_heads,
+      head_dim=qkv_dim // num_heads,
+      mlp_dim=mlp_dim,
+      attention_name=attention_name,
+      attention_kwargs=attention_kwargs,
+      dropout_rate=dropout_rate,
+      attention_dropout_rate=attention_dropout_rate,
+      causal=causal,
+      rngs=rngs,
+      dtype=dtype,
+      param_dtype=param_dtype,
     )
-    self.final_norm = layer_norm(emb_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, ids: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
     """Returns (features [batch, length', emb_dim], mask [batch, length'] bool)."""
@@ -157,6 +95,4 @@ class Encoder(nnx.Module):
       x = x.astype(self.dtype)
     x = constrain(x, ACTIVATION_AXES)
     x = self.dropout(x, deterministic=deterministic)
-    for block in self.blocks:
-      x = block(x, mask=mask, deterministic=deterministic)
-    return self.final_norm(x), mask
+    return self.stack(x, mask=mask, deterministic=deterministic), mask

@@ -36,11 +36,10 @@ from efficient_transformers.layers import (
   ACTIVATION_AXES,
   TokenEmbedding,
   constrain,
-  layer_norm,
   param_axes,
 )
-from efficient_transformers.models.encoder import EncoderBlock
 from efficient_transformers.models.heads import POOLINGS, ClassifierHead, pool
+from efficient_transformers.models.stack import Stack
 
 
 def _check_config(
@@ -153,25 +152,20 @@ class SegmentedClassifier(nnx.Module):
       **param_axes(None, "embed"),
     )
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-    self.blocks = nnx.List(
-      [
-        EncoderBlock(
-          features=emb_dim,
-          num_heads=num_heads,
-          head_dim=qkv_dim // num_heads,
-          mlp_dim=mlp_dim,
-          attention_name=attention_name,
-          attention_kwargs=dict(attention_kwargs or {}),
-          dropout_rate=dropout_rate,
-          attention_dropout_rate=attention_dropout_rate,
-          rngs=rngs,
-          dtype=dtype,
-          param_dtype=param_dtype,
-        )
-        for _ in range(num_layers)
-      ]
+    self.stack = Stack(
+      num_layers=num_layers,
+      features=emb_dim,
+      num_heads=num_heads,
+      head_dim=qkv_dim // num_heads,
+      mlp_dim=mlp_dim,
+      attention_name=attention_name,
+      attention_kwargs=attention_kwargs,
+      dropout_rate=dropout_rate,
+      attention_dropout_rate=attention_dropout_rate,
+      rngs=rngs,
+      dtype=dtype,
+      param_dtype=param_dtype,
     )
-    self.final_norm = layer_norm(emb_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.head = ClassifierHead(
       emb_dim, classifier_dim, num_classes, rngs=rngs, dtype=dtype, param_dtype=param_dtype
     )
@@ -198,11 +192,7 @@ class SegmentedClassifier(nnx.Module):
     x = jnp.concatenate([memory.astype(x.dtype), x], axis=1)
     x = constrain(x, ACTIVATION_AXES)
     mask = jnp.concatenate([jnp.ones((ids.shape[0], m), bool), ids != 0], axis=1)
-    for block in self.blocks:
-      x = block(x, mask=mask, deterministic=deterministic)
-    # LayerNorm is per position: normalizing only the memory rows is the same as
-    # normalizing all and slicing, and skips the token rows nobody reads.
-    return self.final_norm(x[:, :m]).astype(self.memory_dtype)
+    return self.stack(x, mask=mask, deterministic=deterministic)[:, :m].astype(self.memory_dtype)
 
   def segments(self, inputs: jax.Array) -> jax.Array:
     """ids [batch, length] -> [num_segments, batch, segment_length], right-padded with 0."""
