@@ -19,7 +19,8 @@ sys.stderr.flush()
 time.sleep(0.2)
 # A progress bar leaves its line open; the abort's log line may or may not close it.
 sys.stderr.write(
-  ("" if "--open" in sys.argv else "\n") + "E1202 18:52:08.397507 coordination_service.cc:1549] Use error polling to propagate the "
+  ("" if "--open" in sys.argv else "\n")
+  + "E1202 18:52:08.397507 coordination_service.cc:1549] Use error polling to propagate the "
   "following error to all tasks: UNAVAILABLE: The following tasks are unhealthy (stopped "
   "sending heartbeats):\n1\nThe tasks have crashed.\n"
   "F1202 18:52:08.398147 client.h:80] Terminating process because the JAX distributed "
