@@ -16,7 +16,7 @@ import numpy as np
 BATCH, HEADS, HEAD_DIM = 2, 2, 8
 
 
-def dense_attention(q, k, v, *, mask=None, causal=False, pattern=None, scale=None):
+def dense_attention(q, k, v, *, mask=None, causal=False, pattern=None, scale=None, bias=None):
   """softmax(q k^T * scale) v over allowed keys; rows with no key and padded queries are 0.
 
   Args:
@@ -27,11 +27,14 @@ def dense_attention(q, k, v, *, mask=None, causal=False, pattern=None, scale=Non
     pattern: a boolean [q_len, kv_len] (or [heads, q_len, kv_len], or
       [batch, heads, q_len, kv_len]) of allowed pairs, or None for all.
     scale: logit scale; default 1/sqrt(head_dim).
+    bias: an additive logit term broadcastable to [batch, heads, q_len, kv_len], or None.
   """
   q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
   q_len, kv_len = q.shape[1], k.shape[1]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, jnp.float32)
   keep = np.ones((1, 1, q_len, kv_len), bool)
   if causal:
     keep = keep & np.tril(np.ones((q_len, kv_len), bool))

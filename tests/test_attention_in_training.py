@@ -21,9 +21,14 @@ def data_dir(tmp_path_factory):
   return tmp_path_factory.mktemp("listops_smoke_small")
 
 
-@pytest.mark.parametrize("name", attention.available())
-def test_smoke_config_trains_in_the_sharded_step(name, data_dir):
+@pytest.mark.parametrize(
+  "name,positional",
+  [(name, "sinusoidal") for name in attention.available()]
+  + [("linear", "rope"), ("softmax", "alibi"), ("local", "axial")],
+)
+def test_smoke_config_trains_in_the_sharded_step(name, positional, data_dir):
   config = listops_config.get_config(f"smoke,attention={name}")
+  config.model.positional = positional
   config.data_dir = str(data_dir)
   config.data.num_train, config.data.num_val, config.data.num_test = 64, 8, 8
   config.model.num_layers = 1

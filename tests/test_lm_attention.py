@@ -68,7 +68,19 @@ def test_later_bytes_leave_earlier_logits_unchanged(name):
 
 @pytest.mark.parametrize("name", CAUSAL)
 def test_trains_two_steps_in_the_sharded_step(name):
+  train_two_sharded_steps(lm_config(name))
+
+
+@pytest.mark.parametrize(
+  "name,positional", [("performer", "rope"), ("local", "alibi"), ("softmax", "axial")]
+)
+def test_position_schemes_train_in_the_sharded_step(name, positional):
   config = lm_config(name)
+  config.model.positional = positional
+  train_two_sharded_steps(config)
+
+
+def train_two_sharded_steps(config):
   spec = tasks.describe(config)
   setup = train_lib._build(config, spec)
   step_fn = train_lib._compile_train_step(config, spec, setup)

@@ -106,7 +106,7 @@ def test_bad_model_settings_name_the_key():
     )
   with pytest.raises(ConfigError, match="positional"):
     EncoderClassifier(
-      num_classes=3, classifier_dim=8, positional="rope", rngs=nnx.Rngs(0), **ENCODER
+      num_classes=3, classifier_dim=8, positional="rotary", rngs=nnx.Rngs(0), **ENCODER
     )
   model = EncoderClassifier(num_classes=3, classifier_dim=8, rngs=nnx.Rngs(0), **ENCODER)
   with pytest.raises(ConfigError, match="max_length"):

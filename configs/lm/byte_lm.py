@@ -78,6 +78,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.kind = "decoder_lm"
   c.model.memory = args["memory"]
   c.model.attention = args["attention"]
+  # memory=none: sinusoidal | learned | axial | rope | alibi | none (rope and alibi
+  # act inside the attention; alibi only where the variant takes a bias). The
+  # memory stacks use their own: relative (Transformer-XL kinds), sinusoidal (RMT).
+  c.model.positional = (
+    "relative" if args["memory"] in ("transformer_xl", "compressive") else "sinusoidal"
+  )
   c.model.num_layers = 12
   c.model.emb_dim = 512
   c.model.num_heads = 8

@@ -6,16 +6,32 @@ attention function. Variants with parameters or randomness of their own
 (Linformer projections, Performer features, Reformer hashing) add them in
 their `__init__`.
 
+The module's call (flaxformer's DenseAttention contract, narrowed to self-
+attention plus a context):
+
+  module(x, *, mask, context=None, context_mask=None, bias=None, deterministic)
+
+Queries come from x; keys and values from [context; x] when a memory supplies a
+context (Transformer-XL's cached layer inputs, RMT's memory tokens), else from
+x. `bias` is an additive logit term. What a variant takes is declared on its
+class (see `MultiHeadAttention`), and anything else is a ConfigError naming
+the variant and the option.
+
 Shapes:
   x:       [batch, length, in_features]
+  context: [batch, context_length, in_features]
   q, k, v: [batch, length, heads, head_dim]
-  mask:    [batch, length] bool, True = real token
+  mask:    [batch, length] bool, True = real token (context_mask likewise)
+  bias:    broadcastable to [batch, heads, length, context_length + length]
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_transformers.attention import relative
+from efficient_transformers.errors import ConfigError
+from efficient_transformers.layers import positions
 from efficient_transformers.layers.partitioning import param_axes
 
 # Logical axis names of the projection parameters; a rules table in the
@@ -39,10 +55,34 @@ class MultiHeadAttention(nnx.Module):
     supports_causal: the variant can run with causal=True (a query sees no
       later key, and no later token changes its output); if not,
       `why_not_causal` says why.
+    supports_rope: `position="rope"` works (the kernel takes q and k, which
+      the module rotates before calling it).
+    supports_alibi: `position="alibi"` works (the kernel takes ALiBi's
+      additive bias, computed blockwise where the kernel is blockwise).
+    supports_relative: `position="relative"` works (Transformer-XL's relative
+      positions with u and v biases, `attention.relative`; causal only).
+    supports_bias: the call takes `bias`, an additive logit term.
+    context_queries: with a context, the kernel takes x's queries against the
+      [context; x] keys directly (query i at key position context_length + i).
+      Every other variant takes a context too: it runs its own self-attention
+      over [context; x] and keeps x's rows, which is the same function of x
+      under the variant's pattern over the concatenation (local attention's
+      window reaches back into the context, causal variants see the whole
+      context); the context's own rows are computed and dropped.
+
+  Positions (`position`): None, "rope" (RoPE rotates q and k, `positions.rotate`;
+  with a context, x's queries sit after it), "alibi" (the kernel adds
+  -slope_h |i - j| to the logits; the slopes are
+  `positions.alibi_slopes(num_heads)`) or "relative" (Transformer-XL).
   """
 
   supports_causal: bool = True
   why_not_causal: str = ""
+  supports_rope: bool = True
+  supports_alibi: bool = False
+  supports_relative: bool = False
+  supports_bias: bool = False
+  context_queries: bool = False
 
   def __init__(
     self,
@@ -52,10 +92,13 @@ class MultiHeadAttention(nnx.Module):
     head_dim: int,
     dropout_rate: float = 0.0,
     causal: bool = False,
+    position: str | None = None,
     rngs: nnx.Rngs,
     dtype: jnp.dtype | None = None,
     param_dtype: jnp.dtype = jnp.float32,
   ):
+    check_position(type(self), position)
+    self.position_kind = position
     self.in_features = in_features
     self.num_heads = num_heads
     self.head_dim = head_dim
@@ -77,6 +120,31 @@ class MultiHeadAttention(nnx.Module):
     self.query = projection()
     self.key = projection()
     self.value = projection()
+    if position == "relative":
+      if not causal:
+        raise ConfigError(
+          "position='relative' (Transformer-XL) is causal only; set causal=True or "
+          "another position."
+        )
+      # Transformer-XL's W_r (projects the sinusoids of the distances, no bias)
+      # and its u and v biases, in the order and under the names of the original
+      # TransformerXL module, so its checkpoints and initial values carry over.
+      self.position = nnx.LinearGeneral(
+        in_features,
+        (num_heads, head_dim),
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_metadata=param_axes(*QKV_KERNEL_AXES),
+        rngs=rngs,
+      )
+      zeros = nnx.initializers.zeros_init()
+      self.u_bias = nnx.Param(
+        zeros(rngs.params(), (num_heads, head_dim), param_dtype), **param_axes(*QKV_BIAS_AXES)
+      )
+      self.v_bias = nnx.Param(
+        zeros(rngs.params(), (num_heads, head_dim), param_dtype), **param_axes(*QKV_BIAS_AXES)
+      )
     self.out = nnx.LinearGeneral(
       (num_heads, head_dim),
       in_features,
@@ -91,6 +159,16 @@ class MultiHeadAttention(nnx.Module):
     # only a "params" RNG.
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
 
+  def alibi_slopes(self) -> jax.Array | None:
+    """ALiBi's per-head slopes [num_heads] with position="alibi", else None."""
+    if self.position_kind != "alibi":
+      return None
+    return jnp.asarray(positions.alibi_slopes(self.num_heads))
+
+  def rotate(self, x: jax.Array, offset: int = 0) -> jax.Array:
+    """x [batch, length, heads, head_dim] rotated by RoPE with position="rope", else x."""
+    return positions.rotate(x, offset=offset) if self.position_kind == "rope" else x
+
   def attend(
     self,
     q: jax.Array,
@@ -104,10 +182,111 @@ class MultiHeadAttention(nnx.Module):
     raise NotImplementedError
 
   def __call__(
-    self, x: jax.Array, *, mask: jax.Array | None = None, deterministic: bool = True
+    self,
+    x: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    context: jax.Array | None = None,
+    context_mask: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    deterministic: bool = True,
   ) -> jax.Array:
-    """Self-attention over `x` [batch, length, in_features]; returns the same shape."""
-    q, k, v = self.query(x), self.key(x), self.value(x)
+    """Attention of `x` [batch, length, in_features] over [context; x]; returns x's shape.
+
+    Args:
+      x: the queries' inputs (and the last keys and values).
+      mask: [batch, length] bool, True = real token; None = all real.
+      context: [batch, context_length, in_features] inputs of keys and values
+        before x's own (a memory), or None for self-attention.
+      context_mask: [batch, context_length] bool (empty memory slots False);
+        None = all real.
+      bias: an additive logit term broadcastable to [batch, heads, length,
+        context_length + length] (variants with `supports_bias`).
+      deterministic: disables dropout.
+    """
+    if context is None and bias is None and self.position_kind != "relative":
+      return self._self_attention(x, mask=mask, deterministic=deterministic)
+    name = getattr(type(self), "registered_name", type(self).__name__)
+    if bias is not None and not self.supports_bias:
+      from efficient_transformers.attention import registry  # Below this module otherwise.
+
+      takers = [n for n in registry.available() if registry.get_class(n).supports_bias]
+      raise ConfigError(
+        f"attention {name!r} does not take an additive bias; variants that do: {', '.join(takers)}."
+      )
+    length = x.shape[1]
+    context_length = 0 if context is None else context.shape[1]
+    h = x if context is None else jnp.concatenate([context.astype(x.dtype), x], axis=1)
+    kv_mask = join_masks(context_mask, mask, x.shape[0], context_length, length)
+    if self.position_kind == "relative":
+      q, k, v = self.query(x), self.key(h), self.value(h)
+      encoding = relative.sinusoidal_relative_encoding(h.shape[1], self.in_features, dtype=x.dtype)
+      out = relative.relative_attention(
+        q, k, v, self.position(encoding), self.u_bias[...], self.v_bias[...], mask=kv_mask
+      )
+      if bias is not None:
+        raise ConfigError("position='relative' takes no additive bias.")
+    elif self.context_queries:
+      q = self.rotate(self.query(x), offset=context_length)
+      k, v = self.rotate(self.key(h)), self.value(h)
+      extra = {} if bias is None else {"bias": bias}
+      out = self.attend(
+        q, k, v, mask=kv_mask, deterministic=deterministic, q_offset=context_length, **extra
+      )
+    else:
+      # The variant's own self-attention over [context; x], x's rows kept (the
+      # output projection acts per row, so slicing after it is the same).
+      y = self._self_attention(h, mask=kv_mask, deterministic=deterministic)
+      return y[:, context_length:]
+    if mask is not None and context is not None:
+      out = jnp.where(mask[:, :, None, None], out, jnp.zeros((), out.dtype))
+    out = self.dropout(out, deterministic=deterministic)
+    return self.out(out)
+
+  def _self_attention(self, x, *, mask, deterministic):
+    """Self-attention over x [batch, length, in_features] (variants may override it)."""
+    q, k, v = self.rotate(self.query(x)), self.rotate(self.key(x)), self.value(x)
     out = self.attend(q, k, v, mask=mask, deterministic=deterministic)
     out = self.dropout(out, deterministic=deterministic)
     return self.out(out)
+
+
+def join_masks(context_mask, mask, batch: int, context_length: int, length: int):
+  """The key mask [batch, context_length + length] of [context; x], or None if all real."""
+  if context_mask is None and mask is None:
+    return None
+  if context_mask is None:
+    context_mask = jnp.ones((batch, context_length), bool)
+  if mask is None:
+    mask = jnp.ones((batch, length), bool)
+  return jnp.concatenate([context_mask.astype(bool), mask.astype(bool)], axis=1)
+
+
+POSITIONS = (None, "rope", "alibi", "relative")
+
+
+def check_position(cls: type, position) -> None:
+  """Raises ConfigError for a position the variant `cls` does not take, naming both."""
+  name = getattr(cls, "registered_name", cls.__name__)
+  if position not in POSITIONS:
+    raise ConfigError(
+      f"attention {name!r}: position must be None, 'rope', 'alibi' or 'relative'; got {position!r}."
+    )
+  if position == "rope" and not cls.supports_rope:
+    raise ConfigError(
+      f"attention {name!r} does not take position='rope' (its kernel does not compare "
+      "queries with keys)."
+    )
+  if position == "alibi" and not cls.supports_alibi:
+    from efficient_transformers.attention import registry  # Below this module otherwise.
+
+    takers = [n for n in registry.available() if registry.get_class(n).supports_alibi]
+    raise ConfigError(
+      f"attention {name!r} does not take position='alibi' (its kernel takes no additive "
+      f"bias); variants that do: {', '.join(takers)}."
+    )
+  if position == "relative" and not cls.supports_relative:
+    raise ConfigError(
+      f"attention {name!r} does not take position='relative' (Transformer-XL's relative "
+      "positions need the full logits); variants that do: softmax."
+    )

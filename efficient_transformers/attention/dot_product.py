@@ -23,6 +23,7 @@ from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
 from efficient_transformers.errors import ConfigError
+from efficient_transformers.layers import positions
 
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
@@ -107,6 +108,9 @@ def dot_product_attention(
   mask: jax.Array | None = None,
   causal: bool = False,
   implementation: str | None = None,
+  alibi_slopes: jax.Array | None = None,
+  q_offset: int = 0,
+  bias: jax.Array | None = None,
 ) -> jax.Array:
   """Exact softmax attention through `jax.nn.dot_product_attention`.
 
@@ -118,6 +122,14 @@ def dot_product_attention(
     causal: query i sees keys j <= i only.
     implementation: None (auto: "cudnn" where the backend and the inputs allow
       it, else "xla"), "xla" or "cudnn" (raises where cuDNN cannot run).
+    alibi_slopes: None, or ALiBi's per-head slopes [heads], passed to the
+      kernel as a [1, heads, q_length, kv_length] bias (as in `softmax_attention`;
+      on cuDNN this path has not been run on a GPU yet).
+    q_offset: the key position of query 0 (a context of that many keys before
+      the queries); causal: query i sees keys j <= q_offset + i. Not 0: the
+      XLA kernel, with the causal rule as an explicit mask.
+    bias: an additive logit term broadcastable to [batch, heads, q_length,
+      kv_length], or None.
 
   Returns:
     [batch, q_length, heads, head_dim] in q's dtype. Rows of padded queries
@@ -129,14 +141,34 @@ def dot_product_attention(
   masking.check_qkv("dot_product", q, k, v, mask)
   impl = resolve_implementation(implementation, q, k)
   q_length, kv_length = q.shape[1], k.shape[1]
+  if alibi_slopes is not None:
+    alibi = positions.alibi_bias_for(alibi_slopes, q_length, kv_length)[None]
+    bias = alibi if bias is None else alibi + bias
+  if bias is not None:
+    bias = jnp.broadcast_to(jnp.asarray(bias), (*jnp.shape(bias)[:-2], q_length, kv_length)).astype(
+      q.dtype
+    )
+  if q_offset:
+    if impl == "cudnn":
+      raise ConfigError(
+        "dot_product: implementation='cudnn' takes no context before the queries "
+        "(q_offset); use implementation='xla'."
+      )
+    keep = masking.logits_bias(
+      mask, q_length=q_length, kv_length=kv_length, causal=causal, q_offset=q_offset
+    )
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=keep, implementation="xla")
+    if keep is not None:  # Rows with no visible key are zeros, as below.
+      out = jnp.where(keep.any(axis=-1)[:, 0, :, None, None], out, jnp.zeros((), out.dtype))
+    return out.astype(q.dtype)
 
   if mask is None:
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=causal, implementation=impl)
   elif impl == "xla":
     # [batch, 1, 1, kv_len] broadcasts over heads and queries; the XLA kernel
     # builds the full logits anyway, so an arbitrary mask costs nothing extra.
     out = jax.nn.dot_product_attention(
-      q, k, v, mask=mask[:, None, None, :], is_causal=causal, implementation="xla"
+      q, k, v, bias=bias, mask=mask[:, None, None, :], is_causal=causal, implementation="xla"
     )
   else:
     # cuDNN masks by lengths (right padding). Query lengths only make sense
@@ -147,6 +179,7 @@ def dot_product_attention(
       q,
       k,
       v,
+      bias=bias,
       is_causal=causal,
       query_seq_lengths=q_lengths,
       key_value_seq_lengths=kv_lengths,
@@ -181,8 +214,21 @@ class DotProductAttention(MultiHeadAttention):
     super().__init__(**common)
     self.implementation = implementation
 
-  def attend(self, q, k, v, *, mask, deterministic):
+  supports_alibi = True
+
+  supports_bias = True
+  context_queries = True
+
+  def attend(self, q, k, v, *, mask, deterministic, q_offset=0, bias=None):
     del deterministic
     return dot_product_attention(
-      q, k, v, mask=mask, causal=self.causal, implementation=self.implementation
+      q,
+      k,
+      v,
+      mask=mask,
+      causal=self.causal,
+      implementation=self.implementation,
+      alibi_slopes=self.alibi_slopes(),
+      q_offset=q_offset,
+      bias=bias,
     )

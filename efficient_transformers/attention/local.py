@@ -25,6 +25,7 @@ from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_fits_sequence, check_positive_int
+from efficient_transformers.layers import positions
 
 _F32 = jnp.float32
 
@@ -125,6 +126,7 @@ def local_attention(
   causal: bool = False,
   block_size: int = 64,
   num_neighbors: int = 1,
+  alibi_slopes: jax.Array | None = None,
 ) -> jax.Array:
   """Softmax attention restricted to contiguous neighboring blocks (`local_pattern`).
 
@@ -142,6 +144,9 @@ def local_attention(
     causal: query i sees keys j <= i only, in its own and previous blocks.
     block_size: tokens per block (b).
     num_neighbors: blocks seen on each side (n; causal: before only).
+    alibi_slopes: None, or ALiBi's per-head slopes [heads]: adds
+      -slope_h |i - j| to the logits, computed per block ([block, window],
+      never [L, L]); self-attention positions (q_length == kv_length).
 
   Returns:
     [batch, q_length, heads, head_dim] in q's dtype (softmax in float32).
@@ -171,11 +176,13 @@ def local_attention(
   logits = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kn, preferred_element_type=_F32)
   logits = logits * (q.shape[-1] ** -0.5)  # [B, H, nb, b, W]
   keep_logits = keep_n[:, None, :, None, :]
+  # Positions relative to the query block's start; the same for every block.
+  q_pos = jnp.arange(b)[:, None]
+  k_pos = offsets[0] * b + jnp.arange(len(offsets) * b)[None, :]
   if causal:
-    # Positions relative to the query block's start; the same for every block.
-    q_pos = jnp.arange(b)[:, None]
-    k_pos = offsets[0] * b + jnp.arange(len(offsets) * b)[None, :]
     keep_logits = keep_logits & (k_pos <= q_pos)
+  if alibi_slopes is not None:
+    logits = logits + positions.alibi_bias(alibi_slopes, q_pos, k_pos)[None, :, None]
   weights = masked_softmax(logits, keep_logits)
   out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights.astype(v.dtype), vn)
   out = out.reshape(batch, padded, *q.shape[2:])[:, :q_length]
@@ -189,7 +196,10 @@ class LocalAttention(MultiHeadAttention):
   Variant kwargs:
     block_size: tokens per block (default 64, as in LRA).
     num_neighbors: blocks seen on each side (default 1; causal: before only).
+  Takes position="alibi" (the bias is computed per block).
   """
+
+  supports_alibi = True
 
   def __init__(
     self,
@@ -224,4 +234,5 @@ class LocalAttention(MultiHeadAttention):
       causal=self.causal,
       block_size=self.block_size,
       num_neighbors=self.num_neighbors,
+      alibi_slopes=self.alibi_slopes(),
     )

@@ -54,6 +54,7 @@ from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_fits_sequence, check_positive_int
 from efficient_transformers.errors import ConfigError
+from efficient_transformers.layers import positions
 from efficient_transformers.layers.partitioning import param_axes
 
 _F32 = jnp.float32
@@ -284,17 +285,20 @@ class LongformerAttention(MultiHeadAttention):
       "LongformerAttention computes its own projections in __call__; call the module on x."
     )
 
-  def __call__(
-    self, x: jax.Array, *, mask: jax.Array | None = None, deterministic: bool = True
+  def _self_attention(
+    self, x: jax.Array, *, mask: jax.Array | None, deterministic: bool
   ) -> jax.Array:
     """Self-attention over `x` [batch, length, in_features]; returns the same shape."""
-    q, k, v = self.query(x), self.key(x), self.value(x)
+    q, k, v = self.rotate(self.query(x)), self.rotate(self.key(x)), self.value(x)
     global_qkv = None
     if self.global_positions:
       _check_globals_fit(self.global_positions, x.shape[1])  # before the gather below
       # Only the g global rows need global queries.
       rows = x[:, np.asarray(self.global_positions)]
-      global_qkv = (self.query_global(rows), self.key_global(x), self.value_global(x))
+      global_q = self.query_global(rows)
+      if self.position_kind == "rope":
+        global_q = positions.rotate(global_q, at=self.global_positions)
+      global_qkv = (global_q, self.rotate(self.key_global(x)), self.value_global(x))
     out = longformer_attention(
       q,
       k,

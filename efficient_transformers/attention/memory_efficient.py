@@ -24,6 +24,7 @@ from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_positive_int
+from efficient_transformers.layers import positions
 
 _F32 = jnp.float32
 
@@ -38,32 +39,45 @@ def _chunk(x: jax.Array, index: jax.Array, size: int, axis: int) -> jax.Array:
 
 
 def _block_keep(keep, i, j, q_chunk, k_chunk, causal):
-  """Keep-mask [batch, 1, q_chunk, k_chunk] of block (i, j); keep: [batch, kv_len]."""
+  """Keep-mask [batch, 1, q_chunk, k_chunk] of block (i, j); keep: [batch, kv_len].
+
+  `causal` here and below: None (not causal) or the key position of query 0.
+  """
   return masking.logits_bias(
     _chunk(keep, j, k_chunk, axis=1),
     q_length=q_chunk,
     kv_length=k_chunk,
-    causal=causal,
-    q_offset=i * q_chunk,
+    causal=causal is not None,
+    q_offset=(causal or 0) + i * q_chunk,
     kv_offset=j * k_chunk,
   )
 
 
-def _block_logits(qi: jax.Array, kj: jax.Array) -> jax.Array:
-  """Scaled logits [batch, heads, q_chunk, k_chunk] in float32."""
+def _block_logits(qi: jax.Array, kj: jax.Array, i, j, alibi) -> jax.Array:
+  """Scaled logits [batch, heads, q_chunk, k_chunk] of block (i, j) in float32.
+
+  `alibi`: None, or (slopes as a tuple of floats, the key position of query 0)
+  for ALiBi's bias -slope_h |query position - key position|.
+  """
   s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=_F32)
-  return s * (qi.shape[-1] ** -0.5)
+  s = s * (qi.shape[-1] ** -0.5)
+  if alibi is not None:
+    slopes, shift = alibi
+    q_pos = shift + i * qi.shape[1] + jnp.arange(qi.shape[1])[:, None]
+    k_pos = j * kj.shape[1] + jnp.arange(kj.shape[1])[None, :]
+    s = s + positions.alibi_bias(jnp.asarray(slopes, _F32), q_pos, k_pos)[None]
+  return s
 
 
 def _key_chunks_seen(i, num_k_chunks, q_chunk, k_chunk, causal):
   """How many leading key chunks query chunk i can see: causal skips the rest."""
-  if not causal:
+  if causal is None:
     return num_k_chunks
-  last_query = (i + 1) * q_chunk - 1
+  last_query = causal + (i + 1) * q_chunk - 1
   return jnp.minimum(num_k_chunks, last_query // k_chunk + 1)
 
 
-def _forward(q, k, v, keep, causal, q_chunk, k_chunk):
+def _forward(q, k, v, keep, causal, q_chunk, k_chunk, alibi):
   """Returns out [B, Lq, H, D] (q's dtype) and logsumexp [B, H, Lq] (float32)."""
   batch, q_len, heads, dim = q.shape
   num_q, num_k = q_len // q_chunk, k.shape[1] // k_chunk
@@ -74,7 +88,7 @@ def _forward(q, k, v, keep, causal, q_chunk, k_chunk):
 
     def key_block(j, state):
       m, total, acc = state
-      s = _block_logits(qi, _chunk(k, j, k_chunk, axis=1))
+      s = _block_logits(qi, _chunk(k, j, k_chunk, axis=1), i, j, alibi)
       s = jnp.where(_block_keep(keep, i, j, q_chunk, k_chunk, causal), s, -jnp.inf)
       m_new = jnp.maximum(m, s.max(axis=-1))
       # While a row has seen no key its max is -inf; shifting by 0 instead
@@ -113,7 +127,7 @@ def _forward(q, k, v, keep, causal, q_chunk, k_chunk):
   return lax.fori_loop(0, num_q, query_block, init)
 
 
-def _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk):
+def _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk, alibi):
   """FlashAttention-2 backward: outer loop over key chunks, inner over query chunks."""
   num_q, num_k = q.shape[1] // q_chunk, k.shape[1] // k_chunk
   # delta_i = sum_d dout_id * out_id = sum_j p_ij dp_ij: the softmax Jacobian term.
@@ -129,7 +143,7 @@ def _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk):
       dq, dkj, dvj = state
       qi = _chunk(q, i, q_chunk, axis=1)
       doi = _chunk(dout, i, q_chunk, axis=1)
-      s = _block_logits(qi, kj) - _chunk(lse, i, q_chunk, axis=2)[..., None]
+      s = _block_logits(qi, kj, i, j, alibi) - _chunk(lse, i, q_chunk, axis=2)[..., None]
       keep_ij = _block_keep(keep, i, j, q_chunk, k_chunk, causal)
       p = jnp.exp(jnp.where(keep_ij, s, -jnp.inf))  # the forward's probabilities
       dvj = dvj + jnp.einsum(
@@ -147,7 +161,7 @@ def _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk):
       return dq, dkj, dvj
 
     # Causal: query chunks wholly before this key chunk cannot see it.
-    start = (j * k_chunk) // q_chunk if causal else 0
+    start = jnp.maximum(0, (j * k_chunk - causal) // q_chunk) if causal is not None else 0
     init = (dq, jnp.zeros(chunk_shape, _F32), jnp.zeros(chunk_shape, _F32))
     dq, dkj, dvj = lax.fori_loop(start, num_q, query_block, init)
     dk = lax.dynamic_update_slice_in_dim(dk, dkj.astype(dk.dtype), j * k_chunk, axis=1)
@@ -159,20 +173,20 @@ def _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk):
   return dq.astype(q.dtype), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked_attention(q, k, v, keep, causal, q_chunk, k_chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked_attention(q, k, v, keep, causal, q_chunk, k_chunk, alibi):
   """Lengths must be multiples of the chunk sizes; `keep` [B, Lk] masks keys."""
-  return _forward(q, k, v, keep, causal, q_chunk, k_chunk)[0]
+  return _forward(q, k, v, keep, causal, q_chunk, k_chunk, alibi)[0]
 
 
-def _chunked_attention_fwd(q, k, v, keep, causal, q_chunk, k_chunk):
-  out, lse = _forward(q, k, v, keep, causal, q_chunk, k_chunk)
+def _chunked_attention_fwd(q, k, v, keep, causal, q_chunk, k_chunk, alibi):
+  out, lse = _forward(q, k, v, keep, causal, q_chunk, k_chunk, alibi)
   return out, (q, k, v, keep, out, lse)
 
 
-def _chunked_attention_bwd(causal, q_chunk, k_chunk, residuals, dout):
+def _chunked_attention_bwd(causal, q_chunk, k_chunk, alibi, residuals, dout):
   q, k, v, keep, out, lse = residuals
-  dq, dk, dv = _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk)
+  dq, dk, dv = _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk, alibi)
   return dq, dk, dv, None  # the boolean mask has no gradient
 
 
@@ -197,6 +211,8 @@ def memory_efficient_attention(
   causal: bool = False,
   query_chunk_size: int = 512,
   key_chunk_size: int = 512,
+  alibi_slopes=None,
+  q_offset: int = 0,
 ) -> jax.Array:
   """Exact softmax attention, chunked, in O(L) memory forward and backward.
 
@@ -214,6 +230,11 @@ def memory_efficient_attention(
     query_chunk_size: queries per chunk.
     key_chunk_size: keys per chunk; the peak extra memory is one
       [batch, heads, query_chunk_size, key_chunk_size] float32 block.
+    alibi_slopes: None, or ALiBi's per-head slopes [heads] (concrete values,
+      e.g. `positions.alibi_slopes(heads)`): adds -slope_h |i - j| to the
+      logits block by block, query i at key position i + kv_length - q_length.
+    q_offset: the key position of query 0 (a context of that many keys before
+      the queries); causal: query i sees keys j <= q_offset + i.
 
   Returns:
     [batch, q_length, heads, head_dim] in q's dtype (accumulated in float32).
@@ -238,9 +259,10 @@ def memory_efficient_attention(
     _pad_length(k, k_chunk),
     _pad_length(v, k_chunk),
     _pad_length(keep, k_chunk),
-    causal,
+    int(q_offset) if causal else None,
     q_chunk,
     k_chunk,
+    None if alibi_slopes is None else (tuple(map(float, alibi_slopes)), kv_length - q_length),
   )[:, :q_length]
   return masking.zero_padded_queries(out, mask)
 
@@ -248,6 +270,8 @@ def memory_efficient_attention(
 @register("memory_efficient")
 class MemoryEfficientAttention(MultiHeadAttention):
   """Multi-head exact attention, chunked to O(L) memory (pure JAX, any backend).
+
+  Takes position="alibi" (the bias is computed per block, never [L, L]).
 
   Variant kwargs:
     query_chunk_size: queries per chunk (default 512).
@@ -268,7 +292,15 @@ class MemoryEfficientAttention(MultiHeadAttention):
     self.query_chunk_size = query_chunk_size
     self.key_chunk_size = key_chunk_size
 
-  def attend(self, q, k, v, *, mask, deterministic):
+  supports_alibi = True
+
+  def alibi_slopes_values(self):
+    """The slopes as concrete numpy values (they become static block constants)."""
+    return None if self.position_kind != "alibi" else positions.alibi_slopes(self.num_heads)
+
+  context_queries = True
+
+  def attend(self, q, k, v, *, mask, deterministic, q_offset=0):
     del deterministic
     return memory_efficient_attention(
       q,
@@ -278,4 +310,6 @@ class MemoryEfficientAttention(MultiHeadAttention):
       causal=self.causal,
       query_chunk_size=self.query_chunk_size,
       key_chunk_size=self.key_chunk_size,
+      alibi_slopes=self.alibi_slopes_values(),
+      q_offset=q_offset,
     )

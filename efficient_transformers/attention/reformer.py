@@ -336,11 +336,12 @@ class ReformerAttention(MultiHeadAttention):
       chunk_size=self.chunk_size,
     )
 
-  def __call__(
-    self, x: jax.Array, *, mask: jax.Array | None = None, deterministic: bool = True
+  def _self_attention(
+    self, x: jax.Array, *, mask: jax.Array | None, deterministic: bool
   ) -> jax.Array:
     """Self-attention over `x` [batch, length, in_features]; returns the same shape."""
-    q, v = self.query(x), self.value(x)
+    # RoPE on the shared queries rotates the keys too (they are the normalized queries).
+    q, v = self.rotate(self.query(x)), self.value(x)
     out = self.attend(q, None, v, mask=mask, deterministic=deterministic)
     out = self.dropout(out, deterministic=deterministic)
     return self.out(out)

@@ -28,6 +28,7 @@ _COMMON = (
   "head_dim",
   "dropout_rate",
   "causal",
+  "position",
   "rngs",
   "dtype",
   "param_dtype",
@@ -99,7 +100,7 @@ def make(
       f"{', '.join(available(causal=True))}."
     )
   allowed = variant_kwargs(name)
-  common = {k: kwargs.pop(k) for k in ("dtype", "param_dtype") if k in kwargs}
+  common = {k: kwargs.pop(k) for k in ("dtype", "param_dtype", "position") if k in kwargs}
   unknown = sorted(set(kwargs) - set(allowed))
   if unknown:
     valid = ", ".join(sorted(allowed)) or "none"

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from efficient_transformers.attention import masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
+from efficient_transformers.layers import positions
 
 
 def softmax_attention(
@@ -19,6 +20,9 @@ def softmax_attention(
   *,
   mask: jax.Array | None = None,
   causal: bool = False,
+  alibi_slopes: jax.Array | None = None,
+  q_offset: int = 0,
+  bias: jax.Array | None = None,
 ) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v, computed in float32.
 
@@ -27,6 +31,13 @@ def softmax_attention(
     k, v: [batch, kv_length, heads, head_dim].
     mask: [batch, kv_length] bool, True = real token; or None.
     causal: query i sees keys j <= i only.
+    alibi_slopes: None, or ALiBi's per-head slopes [heads]: adds
+      -slope_h |i - j| to the logits, query i at key position
+      i + kv_length - q_length.
+    q_offset: the key position of query 0 (a context of that many keys before
+      the queries); causal: query i sees keys j <= q_offset + i.
+    bias: an additive logit term broadcastable to [batch, heads, q_length,
+      kv_length], or None.
 
   Returns:
     [batch, q_length, heads, head_dim] in q's dtype. Rows of padded queries
@@ -35,7 +46,13 @@ def softmax_attention(
   masking.check_qkv("softmax", q, k, v, mask)
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  keep = masking.logits_bias(mask, q_length=q.shape[1], kv_length=k.shape[1], causal=causal)
+  if alibi_slopes is not None:
+    logits = logits + positions.alibi_bias_for(alibi_slopes, q.shape[1], k.shape[1])[None]
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, jnp.float32)
+  keep = masking.logits_bias(
+    mask, q_length=q.shape[1], kv_length=k.shape[1], causal=causal, q_offset=q_offset
+  )
   if keep is not None:
     logits = jnp.where(keep, logits, masking.large_negative(jnp.float32))
   weights = jax.nn.softmax(logits, axis=-1)
@@ -48,8 +65,26 @@ def softmax_attention(
 
 @register("softmax")
 class SoftmaxAttention(MultiHeadAttention):
-  """Multi-head exact attention with the plain XLA reference kernel."""
+  """Multi-head exact attention with the plain XLA reference kernel.
 
-  def attend(self, q, k, v, *, mask, deterministic):
+  Takes every option of the contract: a context (x's queries only), an additive
+  bias, and position="rope", "alibi" or "relative" (Transformer-XL).
+  """
+
+  supports_alibi = True
+  supports_relative = True
+  supports_bias = True
+  context_queries = True
+
+  def attend(self, q, k, v, *, mask, deterministic, q_offset=0, bias=None):
     del deterministic
-    return softmax_attention(q, k, v, mask=mask, causal=self.causal)
+    return softmax_attention(
+      q,
+      k,
+      v,
+      mask=mask,
+      causal=self.causal,
+      alibi_slopes=self.alibi_slopes(),
+      q_offset=q_offset,
+      bias=bias,
+    )

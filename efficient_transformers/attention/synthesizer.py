@@ -278,6 +278,8 @@ class SynthesizerAttention(MultiHeadAttention):
   `mix_synthesized` and `mix_dot` [heads].
   """
 
+  supports_rope = False  # Its logits are synthesized, not q . k (RoPE would act on mix_dot only).
+
   def __init__(
     self,
     *,

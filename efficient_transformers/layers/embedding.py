@@ -10,6 +10,7 @@ from flax import nnx
 
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.layers.partitioning import param_axes
+from efficient_transformers.layers.positions import AxialPositions, check_positional
 
 
 def sinusoidal_table(length: int, features: int, *, max_timescale: float = 10_000.0) -> np.ndarray:
@@ -34,7 +35,9 @@ class TokenEmbedding(nnx.Module):
     vocab_size: number of token ids (id 0 is padding by convention).
     features: embedding width.
     max_length: longest sequence accepted (learned positions are this long).
-    positional: 'sinusoidal' (fixed), 'learned' (a trained table) or 'none'.
+    positional: 'sinusoidal' (fixed), 'learned' (a trained table), 'axial'
+      (Reformer's factorized table, `AxialPositions`), or one that adds
+      nothing here: 'rope' and 'alibi' (applied inside attention) or 'none'.
   """
 
   def __init__(
@@ -47,10 +50,7 @@ class TokenEmbedding(nnx.Module):
     rngs: nnx.Rngs,
     param_dtype: jnp.dtype = jnp.float32,
   ):
-    if positional not in ("sinusoidal", "learned", "none"):
-      raise ConfigError(
-        f"config.model.positional must be 'sinusoidal', 'learned' or 'none'; got {positional!r}."
-      )
+    check_positional(positional)
     self.features = features
     self.max_length = max_length
     self.positional = positional
@@ -68,6 +68,8 @@ class TokenEmbedding(nnx.Module):
         init(rngs.params(), (max_length, features), param_dtype),
         **param_axes(None, "embed"),
       )
+    elif positional == "axial":
+      self.axial = AxialPositions(max_length, features, rngs=rngs, param_dtype=param_dtype)
 
   def __call__(self, ids: jax.Array, *, offset: int = 0) -> jax.Array:
     """Embeds `ids` [batch, length]; positions start at `offset`."""
@@ -82,4 +84,6 @@ class TokenEmbedding(nnx.Module):
       x = x + jnp.asarray(table, x.dtype)[None]
     elif self.positional == "learned":
       x = x + self.positions[offset : offset + length][None].astype(x.dtype)
+    elif self.positional == "axial":
+      x = x + self.axial(length, offset=offset)[None].astype(x.dtype)
     return x

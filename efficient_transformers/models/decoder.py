@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.layers import TokenEmbedding, param_axes
+from efficient_transformers.layers import TokenEmbedding, param_axes, positions
 from efficient_transformers.memory import (
   CompressiveTransformer,
   RecurrentMemoryTransformer,
@@ -34,6 +34,13 @@ from efficient_transformers.memory import (
 from efficient_transformers.models.stack import Stack
 
 MEMORY_KINDS = ("none", "transformer_xl", "compressive", "rmt")
+# Each memory kind's own position scheme (the default of `positional`).
+POSITIONAL = {
+  "none": "sinusoidal",
+  "transformer_xl": "relative",
+  "compressive": "relative",
+  "rmt": "sinusoidal",
+}
 
 
 class CausalDecoder(Stack):
@@ -66,6 +73,10 @@ class DecoderLM(nnx.Module):
     attention_name, attention_kwargs: the causal attention of memory="none",
       as `attention.make` takes them. The memory stacks have attention of
       their own (softmax over [memory; segment]) and take only "softmax".
+    positional: the position scheme; "" = the memory kind's own (POSITIONAL).
+      memory="none" takes any of `layers.positions.POSITIONALS` (sinusoidal,
+      learned, axial, rope, alibi, none; positions restart every segment);
+      the memory stacks take their own only, for now.
     mem_len: Transformer-XL / compressive memory slots per layer.
     cmem_len, compression, compression_rate: the compressive memory.
     num_memory_tokens: RMT memory vectors.
@@ -88,6 +99,7 @@ class DecoderLM(nnx.Module):
     memory: str = "none",
     attention_name: str = "softmax",
     attention_kwargs: dict | None = None,
+    positional: str = "",
     mem_len: int = 0,
     cmem_len: int = 0,
     compression: str = "conv",
@@ -116,16 +128,25 @@ class DecoderLM(nnx.Module):
         f"[memory; segment]); got attention {attention_name!r}. Use memory='none' for "
         "another attention."
       )
+    positional = positional or POSITIONAL[memory]
+    if memory != "none" and positional != POSITIONAL[memory]:
+      raise ConfigError(
+        f"config.model.positional={positional!r} does not work with memory={memory!r}, "
+        f"whose positions are {POSITIONAL[memory]!r}; use memory='none' for another scheme."
+      )
+    if memory == "none":
+      positions.check_positional(positional)
     self.memory_kind = memory
+    self.positional = positional
     self.segment_length = segment_length
     self.dtype = dtype
     self.embed = TokenEmbedding(
       vocab_size,
       emb_dim,
       max_length=segment_length,
-      # Only the plain decoder takes absolute positions here; the memory stacks
-      # place positions themselves (relative, or over [read; segment; write]).
-      positional="sinusoidal" if memory == "none" else "none",
+      # The memory stacks place positions themselves (relative, or over
+      # [read; segment; write]); rope and alibi act inside the attention.
+      positional=positional if memory == "none" else "none",
       rngs=rngs,
       param_dtype=param_dtype,
     )
@@ -144,7 +165,9 @@ class DecoderLM(nnx.Module):
     )
     if memory == "none":
       self.stack = CausalDecoder(
-        attention_name=attention_name, attention_kwargs=attention_kwargs, **sizes
+        attention_name=attention_name,
+        attention_kwargs=positions.with_position(attention_kwargs, positional),
+        **sizes,
       )
     elif memory == "transformer_xl":
       self.stack = TransformerXL(mem_len=mem_len, **sizes)

@@ -10,6 +10,7 @@ from flax import nnx
 
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.layers import ACTIVATION_AXES, TokenEmbedding, constrain, param_axes
+from efficient_transformers.layers.positions import with_position
 from efficient_transformers.models.stack import Block, Stack
 
 # The block every model shares, under the name it had before `Stack` existed.
@@ -71,7 +72,7 @@ class Encoder(nnx.Module):
       head_dim=qkv_dim // num_heads,
       mlp_dim=mlp_dim,
       attention_name=attention_name,
-      attention_kwargs=attention_kwargs,
+      attention_kwargs=with_position(attention_kwargs, positional),
       dropout_rate=dropout_rate,
       attention_dropout_rate=attention_dropout_rate,
       causal=causal,

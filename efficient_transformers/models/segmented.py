@@ -38,6 +38,7 @@ from efficient_transformers.layers import (
   constrain,
   param_axes,
 )
+from efficient_transformers.layers.positions import with_position
 from efficient_transformers.models.heads import POOLINGS, ClassifierHead, pool
 from efficient_transformers.models.stack import Stack
 
@@ -159,7 +160,7 @@ class SegmentedClassifier(nnx.Module):
       head_dim=qkv_dim // num_heads,
       mlp_dim=mlp_dim,
       attention_name=attention_name,
-      attention_kwargs=attention_kwargs,
+      attention_kwargs=with_position(attention_kwargs, positional),
       dropout_rate=dropout_rate,
       attention_dropout_rate=attention_dropout_rate,
       rngs=rngs,

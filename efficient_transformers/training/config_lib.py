@@ -152,7 +152,7 @@ def lra_base(*, task: str, attention: str, data_dir: str) -> ml_collections.Conf
   c.model.classifier_dim = 1024
   c.model.dropout_rate = 0.1
   c.model.attention_dropout_rate = 0.1
-  c.model.positional = "sinusoidal"  # sinusoidal | learned
+  c.model.positional = "sinusoidal"  # sinusoidal | learned | axial | rope | alibi | none
   c.model.pooling = "cls"  # cls | mean
   c.model.max_length = 2_000
   return c
