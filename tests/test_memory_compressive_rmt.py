@@ -11,12 +11,8 @@ import pytest
 from flax import nnx
 
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.memory import (
-  CompressiveTransformer,
-  RecurrentMemoryTransformer,
-  memory_pattern,
-  truncated_bptt,
-)
+from efficient_transformers.memory import memory_pattern, truncated_bptt
+from efficient_transformers.models import CompressiveTransformer, RecurrentMemoryTransformer
 from efficient_transformers.models.decoder import MEMORY_KINDS, DecoderLM
 
 FEATURES = 16
@@ -84,12 +80,12 @@ def test_compression_functions():
   chunks = evicted.reshape(2, 3, 2, FEATURES)
   kwargs = dict(mem_len=4, cmem_len=2, compression_rate=2)
   for name, expected in [("mean", chunks.mean(2)), ("max", chunks.max(2))]:
-    got = compressive(name, **kwargs).compress(0, jnp.asarray(evicted))
+    got = compressive(name, **kwargs).memory.compress(0, jnp.asarray(evicted))
     np.testing.assert_allclose(got, expected, atol=1e-6)
   conv = compressive("conv", **kwargs)
-  kernel, bias = conv.compressors[0].kernel[...], conv.compressors[0].bias[...]
+  kernel, bias = conv.memory.compressors[0].kernel[...], conv.memory.compressors[0].bias[...]
   expected = np.einsum("bncf,cfg->bng", chunks, kernel) + bias  # kernel size = stride = rate
-  np.testing.assert_allclose(conv.compress(0, jnp.asarray(evicted)), expected, atol=1e-5)
+  np.testing.assert_allclose(conv.memory.compress(0, jnp.asarray(evicted)), expected, atol=1e-5)
 
 
 def test_reconstruction_loss_trains_only_the_compressor():

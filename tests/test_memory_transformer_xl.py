@@ -12,12 +12,12 @@ from flax import nnx
 
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.memory import (
-  TransformerXL,
   relative_attention,
   relative_shift,
   reset_memory,
   sinusoidal_relative_encoding,
 )
+from efficient_transformers.models import TransformerXL
 from efficient_transformers.models.decoder import DecoderLM
 
 FEATURES, HEADS, LAYERS = 16, 2, 2

@@ -16,9 +16,12 @@ any other.
 Attention (`attention=`): any variant that can be causal
 (`attention.available(causal=True)`: softmax, dot_product, memory_efficient,
 local, sparse, longformer, reformer, linear, performer, sinkhorn,
-synthesizer), with memory=none; its keyword arguments are in
-config.model.attention_kwargs (the smoke sizes in the smoke config). The
-memory stacks run softmax over [memory; segment] only, for now.
+synthesizer), with memory=none, transformer_xl or compressive (the memory is
+the context of every layer's attention); rmt takes softmax or dot_product (it
+needs an additive bias). Its keyword arguments are in
+config.model.attention_kwargs (the smoke sizes in the smoke config).
+Positions (`config.model.positional`): the memory's own by default (relative
+for Transformer-XL with softmax, rope with another attention).
 
 Data (`corpus=`): `stdlib` (default) is built offline, deterministically, from
 this Python's standard-library sources into data_dir on first use; `enwik8`
@@ -65,10 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       f"configs/lm/byte_lm.py: attention={args['attention']!r} is not a causal attention; "
       f"valid: {', '.join(causal)}."
     )
-  if args["memory"] != "none" and args["attention"] != "softmax":
+  if args["memory"] == "rmt" and not attention.get_class(args["attention"]).supports_bias:
+    takers = [n for n in causal if attention.get_class(n).supports_bias]
     raise ConfigError(
-      f"configs/lm/byte_lm.py: memory={args['memory']} runs softmax attention over "
-      f"[memory; segment] only; use memory=none with attention={args['attention']}."
+      f"configs/lm/byte_lm.py: memory=rmt needs an attention that takes an additive bias (its "
+      f"read/write pattern); attention={args['attention']} does not. Valid: {', '.join(takers)}."
     )
   c = config_lib.training_base(task="byte_lm", data_dir=f"data/lm/{args['corpus']}")
   c.data.corpus = args["corpus"]
@@ -79,11 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.memory = args["memory"]
   c.model.attention = args["attention"]
   # memory=none: sinusoidal | learned | axial | rope | alibi | none (rope and alibi
-  # act inside the attention; alibi only where the variant takes a bias). The
-  # memory stacks use their own: relative (Transformer-XL kinds), sinusoidal (RMT).
-  c.model.positional = (
-    "relative" if args["memory"] in ("transformer_xl", "compressive") else "sinusoidal"
-  )
+  # act inside the attention; alibi only where the variant takes a bias).
+  # transformer_xl, compressive: relative (Transformer-XL's, softmax only) | rope |
+  # alibi | none. rmt: sinusoidal (over [read; segment; write], its own).
+  c.model.positional = _default_positional(args["memory"], args["attention"])
   c.model.num_layers = 12
   c.model.emb_dim = 512
   c.model.num_heads = 8
@@ -102,6 +105,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.compression = "conv"  # conv | mean | max
   c.model.compression_rate = 3 if args["memory"] == "compressive" else 1
   c.model.num_memory_tokens = 10 if args["memory"] == "rmt" else 0
+  # The stack's layer options (memory=none only; the memory stacks keep the defaults).
+  config_lib.layer_options(c.model)
 
   c.batch_size = 22
   c.num_train_steps = 400_000
@@ -141,7 +146,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_eval_batches = 20
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 20
+  # Keys per query: the segment and, with a memory, its longest (evaluation) context.
+  context = max(c.model.mem_len, c.model.eval_mem_len) + c.model.cmem_len if xl else 0
   c.model.attention_kwargs = config_lib.attention_defaults(
-    args["attention"], smoke=args["smoke"], sequence_length=c.model.segment_length
+    args["attention"], smoke=args["smoke"], sequence_length=c.model.segment_length + context
   )
   return config_lib.finalize(c)
+
+
+def _default_positional(memory: str, attention_name: str) -> str:
+  if memory == "rmt":
+    return "sinusoidal"
+  if memory == "none":
+    return "sinusoidal"
+  if attention_name == "softmax":
+    return "relative"
+  return "rope" if attention.get_class(attention_name).supports_rope else "none"

@@ -39,7 +39,7 @@ import ml_collections
 import numpy as np
 
 from efficient_transformers import paths
-from efficient_transformers.data import byte_corpus, tasks
+from efficient_transformers.data import base, byte_corpus
 from efficient_transformers.data.byte_corpus import (
   PAD_ID,
   SPLITS,
@@ -367,7 +367,7 @@ def _corpus_args(config: ml_collections.ConfigDict) -> tuple[str, dict]:
   return corpus, {"max_bytes": config.data.max_bytes, "seed": config.data.split_seed}
 
 
-def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> tasks.TaskData:
+def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> base.TaskData:
   """The byte-level LM task: splits of {"tokens": int16 [n], "doc_start": bool [n]}.
 
   Args:
@@ -389,11 +389,11 @@ def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> tasks.Tas
     def read(split: str) -> dict[str, np.ndarray]:
       return read_file_split(config.data_dir, FILE_CORPORA[corpus], split)
 
-  return tasks.TaskData(
+  return base.TaskData(
     name=f"byte_lm/{corpus}",
     vocab_size=VOCAB_SIZE,
     num_classes=VOCAB_SIZE,
-    splits=tasks._LazySplits(read),
+    splits=base.LazySplits(read),
     stream=True,
     best_metric="loss",
     best_mode="min",

@@ -55,7 +55,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from efficient_transformers.data import tasks
+from efficient_transformers.data import base
 from efficient_transformers.errors import ConfigError, DataError
 
 _log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ def split_indices(num_examples: int, seed: int) -> dict[str, np.ndarray]:
   n_train = int(num_examples * TRAIN_FRACTION)
   n_val = int(num_examples * VALIDATION_FRACTION)
   parts = np.split(order, [n_train, n_train + n_val])
-  return {name: np.sort(part) for name, part in zip(tasks.SPLITS, parts, strict=True)}
+  return {name: np.sort(part) for name, part in zip(base.SPLITS, parts, strict=True)}
 
 
 def _missing_message(config: ml_collections.ConfigDict, directory: str, num_workers: int) -> str:
@@ -423,7 +423,7 @@ def _generate(config: ml_collections.ConfigDict, directory: str, num_workers: in
     raise DataError(f"The Pathfinder generator ran but did not create {directory}.")
 
 
-def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> tasks.TaskData:
+def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> base.TaskData:
   """Pathfinder (or Path-X) from `config.data_dir` in the LRA release layout.
 
   Reads the metadata at once (so a malformed line fails early) and each split's
@@ -488,9 +488,9 @@ def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> tasks.Tas
     inputs[:, :length] += 1  # Pixel p is token p + 1; 0 stays padding.
     return {"inputs": inputs, "targets": metadata.labels[examples[present]]}
 
-  return tasks.TaskData(
+  return base.TaskData(
     name=config.task,
     vocab_size=VOCAB_SIZE,
     num_classes=NUM_CLASSES,
-    splits=tasks._LazySplits(read),
+    splits=base.LazySplits(read),
   )

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from efficient_transformers import paths
-from efficient_transformers.data import tasks
+from efficient_transformers.data import base
 from efficient_transformers.errors import ConfigError, DataError, UserError
 
 _log = logging.getLogger(__name__)
@@ -207,9 +207,7 @@ def _smoke_command(data_dir: str) -> str:
   return f"python -m efficient_transformers.data.retrieval --make_smoke_data --data_dir={data_dir}"
 
 
-# The return annotation is a string: tasks.py may import this module (to register the
-# task) before it has defined TaskData.
-def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> "tasks.TaskData":
+def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> base.TaskData:
   """The retrieval task: AAN pairs (or the synthetic smoke set) under `config.data_dir`.
 
   Args:
@@ -254,11 +252,11 @@ def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> "tasks.Ta
   def read(split: str) -> dict[str, np.ndarray]:
     return load_split(data_dir, split, max_length=max_length)
 
-  return tasks.TaskData(
+  return base.TaskData(
     name="retrieval",
     vocab_size=VOCAB_SIZE,
     num_classes=NUM_CLASSES,
-    splits=tasks._LazySplits(read),
+    splits=base.LazySplits(read),
   )
 
 

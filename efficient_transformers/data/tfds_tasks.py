@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
-from efficient_transformers.data import tasks
+from efficient_transformers.data import base
 from efficient_transformers.errors import ConfigError, DataError
 
 _log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ def _load(
   name: str,
   num_classes: int,
   to_arrays: Callable[[list[dict], int], dict[str, np.ndarray]],
-) -> tasks.TaskData:
+) -> base.TaskData:
   data_dir = config.data_dir
   max_examples = config.data.max_examples
 
@@ -218,12 +218,12 @@ def _load(
     what = f"split {split!r} of TFDS dataset {name!r} in {data_dir}"
     return to_arrays(_examples(source, indices, what), config.model.max_length)
 
-  return tasks.TaskData(
-    name=task, vocab_size=VOCAB_SIZE, num_classes=num_classes, splits=tasks._LazySplits(read)
+  return base.TaskData(
+    name=task, vocab_size=VOCAB_SIZE, num_classes=num_classes, splits=base.LazySplits(read)
   )
 
 
-def load_text(config: ml_collections.ConfigDict, *, generate: bool) -> tasks.TaskData:
+def load_text(config: ml_collections.ConfigDict, *, generate: bool) -> base.TaskData:
   """LRA Text: IMDB reviews as UTF-8 bytes, positive or negative.
 
   Args:
@@ -239,7 +239,7 @@ def load_text(config: ml_collections.ConfigDict, *, generate: bool) -> tasks.Tas
   return _load(config, task="text", name=IMDB, num_classes=TEXT_CLASSES, to_arrays=_text_arrays)
 
 
-def load_image(config: ml_collections.ConfigDict, *, generate: bool) -> tasks.TaskData:
+def load_image(config: ml_collections.ConfigDict, *, generate: bool) -> base.TaskData:
   """LRA Image: CIFAR-10 in grayscale, one token per pixel in row-major order.
 
   Args:

@@ -35,7 +35,8 @@ from flax import nnx
 
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.layers import param_axes
-from efficient_transformers.memory.transformer_xl import TransformerXL, check_mem_len, push
+from efficient_transformers.memory.registry import register
+from efficient_transformers.memory.transformer_xl import TransformerXLMemory, check_mem_len, push
 
 COMPRESSIONS = ("conv", "mean", "max")
 
@@ -68,26 +69,38 @@ def _content_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Ar
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(jnp.float32))
 
 
-class CompressiveTransformer(TransformerXL):
-  """TransformerXL plus a compressed memory of evicted layer inputs.
+@register("compressive")
+class CompressiveMemory(TransformerXLMemory):
+  """Transformer-XL's memory plus a compressed memory of evicted layer inputs.
 
   Args:
+    num_layers, features, mem_len, stop_memory_gradient: as TransformerXLMemory.
     cmem_len: compressed slots per layer made by `init_memory`.
     compression_rate: c, evicted slots per compressed slot.
     compression: "conv", "mean" or "max".
-    **xl_kwargs: the TransformerXL arguments (num_layers, features, mem_len, ...).
   """
 
   def __init__(
     self,
     *,
+    num_layers: int,
+    features: int,
+    mem_len: int,
     cmem_len: int,
     compression_rate: int,
     compression: str = "conv",
+    stop_memory_gradient: bool = True,
     rngs: nnx.Rngs,
-    **xl_kwargs,
+    dtype=None,
+    param_dtype=jnp.float32,
   ):
-    super().__init__(rngs=rngs, **xl_kwargs)
+    super().__init__(
+      num_layers=num_layers,
+      features=features,
+      mem_len=mem_len,
+      stop_memory_gradient=stop_memory_gradient,
+      dtype=dtype,
+    )
     check_mem_len("cmem_len", cmem_len)
     if not isinstance(compression_rate, int) or compression_rate < 1:
       raise ConfigError(
@@ -100,8 +113,6 @@ class CompressiveTransformer(TransformerXL):
     self.cmem_len = cmem_len
     self.compression_rate = compression_rate
     self.compression = compression
-    features = self.features
-    param_dtype = xl_kwargs.get("param_dtype", jnp.float32)
     self.compressors = nnx.List(
       [
         nnx.LinearGeneral(
@@ -141,8 +152,9 @@ class CompressiveTransformer(TransformerXL):
       return chunks.mean(axis=2)
     return chunks.max(axis=2)
 
-  def call_with_aux(
+  def run(
     self,
+    stack,
     x: jax.Array,
     memory: dict,
     *,
@@ -152,8 +164,10 @@ class CompressiveTransformer(TransformerXL):
   ) -> tuple[jax.Array, dict, dict]:
     """One segment; returns (y, new_memory, {"attention_reconstruction": scalar}).
 
-    Shapes as `TransformerXL.__call__`; the segment length must be a multiple of
-    `compression_rate`.
+    Shapes as `TransformerXLMemory.run`; the segment length must be a multiple of
+    `compression_rate`. The reconstruction loss uses the blocks' attention
+    projections, so it needs an attention with query/key/value projections
+    (every registered variant has them).
     """
     seg, c = x.shape[1], self.compression_rate
     if seg % c:
@@ -161,13 +175,13 @@ class CompressiveTransformer(TransformerXL):
         f"config.model.segment_length={seg} must be a multiple of "
         f"config.model.compression_rate={c} (the compressive memory evicts whole chunks)."
       )
-    memory, mask = self._prepare(x, memory, mask, reset)
-    kv_mask = jnp.concatenate([memory["compressed_valid"], memory["valid"], mask], axis=1)
+    memory, mask = self.prepare(x, memory, mask, reset)
+    context_mask = jnp.concatenate([memory["compressed_valid"], memory["valid"]], axis=1)
     contexts = [
       jnp.concatenate([cm, m], axis=1)
       for cm, m in zip(memory["compressed"], memory["hidden"], strict=True)
     ]
-    y, inputs = self._stack(x, contexts, kv_mask, deterministic)
+    y, inputs = self.run_blocks(stack, x, contexts, context_mask, mask, deterministic)
 
     valid, evicted_valid = push(memory["valid"], mask)
     chunk_valid = evicted_valid.reshape(x.shape[0], seg // c, c).any(axis=-1)
@@ -182,7 +196,9 @@ class CompressiveTransformer(TransformerXL):
       hidden.append(kept)
       compressed.append(push(memory["compressed"][layer], squeezed)[0])
       losses.append(
-        self._reconstruction_loss(layer, new, evicted, evicted_valid, squeezed, chunk_valid)
+        self._reconstruction_loss(
+          stack.blocks[layer], new, evicted, evicted_valid, squeezed, chunk_valid
+        )
       )
     new_memory = {
       "hidden": jnp.stack(hidden),
@@ -191,11 +207,10 @@ class CompressiveTransformer(TransformerXL):
       "compressed_valid": compressed_valid,
     }
     aux = {"attention_reconstruction": jnp.mean(jnp.stack(losses))}
-    return y, self._finish(new_memory), aux
+    return y, self.finish(new_memory), aux
 
-  def _reconstruction_loss(self, layer, x, old, old_valid, squeezed, squeezed_valid):
+  def _reconstruction_loss(self, block, x, old, old_valid, squeezed, squeezed_valid):
     """Mean squared difference of content attention over `old` vs over `squeezed`."""
-    block = self.blocks[layer]
     attention = block.attention
     queries = _frozen_layer_norm(block.attention_norm, jax.lax.stop_gradient(x))
     q = _frozen_projection(attention.query, queries)

@@ -35,14 +35,9 @@ from flax import nnx
 from efficient_transformers import attention
 from efficient_transformers.attention import masking
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.layers import (
-  ACTIVATION_AXES,
-  FeedForward,
-  constrain,
-  layer_norm,
-  param_axes,
-)
+from efficient_transformers.layers import param_axes
 from efficient_transformers.layers.embedding import sinusoidal_table
+from efficient_transformers.memory.registry import register
 from efficient_transformers.memory.transformer_xl import reset_memory
 
 
@@ -71,75 +66,33 @@ def pattern_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array)
   return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).astype(q.dtype)
 
 
-class RMTBlock(nnx.Module):
-  """Pre-LN block with a given attention pattern; the parameter layout of EncoderBlock."""
+@register("rmt")
+class RMTMemory(nnx.Module):
+  """RMT's memory as an option of the one stack (`Stack(memory="rmt")`).
 
-  def __init__(
-    self,
-    *,
-    features: int,
-    num_heads: int,
-    head_dim: int,
-    mlp_dim: int,
-    dropout_rate: float,
-    attention_dropout_rate: float,
-    rngs: nnx.Rngs,
-    dtype=None,
-    param_dtype=jnp.float32,
-  ):
-    self.attention_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    # Only its projections are used: the pattern is not one the attention contract
-    # (key padding + causal) can express.
-    self.attention = attention.make(
-      "softmax",
-      in_features=features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=attention_dropout_rate,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
-    self.mlp_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.mlp = FeedForward(
-      features, mlp_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype, param_dtype=param_dtype
-    )
-    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-
-  def __call__(self, x: jax.Array, *, keep: jax.Array, deterministic: bool = True) -> jax.Array:
-    """x [batch, length, features]; keep bool broadcastable to [batch, heads, length, length]."""
-    att = self.attention
-    h = self.attention_norm(x)
-    out = pattern_attention(att.query(h), att.key(h), att.value(h), keep)
-    h = att.out(att.dropout(out, deterministic=deterministic))
-    x = x + self.dropout(h, deterministic=deterministic)
-    h = self.mlp(self.mlp_norm(x), deterministic=deterministic)
-    return constrain(x + self.dropout(h, deterministic=deterministic), ACTIVATION_AXES)
-
-
-class RecurrentMemoryTransformer(nnx.Module):
-  """Decoder stack over [read memory; segment; write memory].
+  The stack runs over [read memory; segment; write memory] with the pattern of
+  `memory_pattern` as an additive bias (0 where a pair is kept, a large
+  negative number elsewhere), so the stack is built non-causal and its
+  attention must take a bias (`supports_bias`: softmax, dot_product).
 
   Args:
+    num_layers, features: the stack's.
     num_memory_tokens: n >= 0 (0 makes it a plain causal decoder).
-    other args: the block sizes, as TransformerXL.
   """
+
+  causal_stack = False  # The pattern, not the attention's causal flag, orders the tokens.
 
   def __init__(
     self,
     *,
     num_layers: int,
     features: int,
-    num_heads: int,
-    head_dim: int,
-    mlp_dim: int,
     num_memory_tokens: int,
-    dropout_rate: float = 0.0,
-    attention_dropout_rate: float = 0.0,
     rngs: nnx.Rngs,
     dtype=None,
     param_dtype=jnp.float32,
   ):
+    del num_layers
     if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
       raise ConfigError(
         f"config.model.num_memory_tokens must be an integer >= 0; got {num_memory_tokens!r}."
@@ -147,29 +100,31 @@ class RecurrentMemoryTransformer(nnx.Module):
     self.num_memory_tokens = num_memory_tokens
     self.features = features
     self.dtype = dtype
-    self.blocks = nnx.List(
-      [
-        RMTBlock(
-          features=features,
-          num_heads=num_heads,
-          head_dim=head_dim,
-          mlp_dim=mlp_dim,
-          dropout_rate=dropout_rate,
-          attention_dropout_rate=attention_dropout_rate,
-          rngs=rngs,
-          dtype=dtype,
-          param_dtype=param_dtype,
-        )
-        for _ in range(num_layers)
-      ]
-    )
-    self.final_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.initial_memory = nnx.Param(
       nnx.initializers.normal(stddev=1.0)(
         rngs.params(), (num_memory_tokens, features), param_dtype
       ),
       **param_axes(None, "embed"),
     )
+
+  @classmethod
+  def check_attention(cls, attention_name: str, attention_kwargs: dict, *, causal: bool) -> None:
+    """The attention must take an additive bias (the pattern) and not be causal itself."""
+    if causal:
+      raise ConfigError(
+        "memory 'rmt' orders tokens by its own pattern; build its stack with causal=False."
+      )
+    if attention_kwargs.get("position") is not None:
+      raise ConfigError(
+        f"memory 'rmt' places sinusoidal positions over [read; segment; write] itself; "
+        f"attention position={attention_kwargs['position']!r} does not combine with it."
+      )
+    takers = [n for n in attention.available() if attention.get_class(n).supports_bias]
+    if not attention.get_class(attention_name).supports_bias:
+      raise ConfigError(
+        f"memory 'rmt' needs an attention that takes an additive bias (its read/write "
+        f"pattern); {attention_name!r} does not. Valid: {', '.join(takers)}."
+      )
 
   def init_memory(self, batch_size: int) -> dict:
     """{"tokens": zeros [batch, n, features], "valid": False [batch]} (= the learned init)."""
@@ -179,18 +134,20 @@ class RecurrentMemoryTransformer(nnx.Module):
       "valid": jnp.zeros((batch_size,), bool),
     }
 
-  def __call__(
+  def run(
     self,
+    stack,
     x: jax.Array,
     memory: dict,
     *,
     mask: jax.Array | None = None,
     reset: jax.Array | None = None,
     deterministic: bool = True,
-  ) -> tuple[jax.Array, dict]:
+  ) -> tuple[jax.Array, dict, dict]:
     """One segment.
 
     Args:
+      stack: the `models.Stack` that owns this option.
       x: [batch, seg, features] token embeddings without positions (embedding
         dropout, if any, is the caller's).
       memory: from `init_memory` or a previous call.
@@ -198,7 +155,7 @@ class RecurrentMemoryTransformer(nnx.Module):
       reset: [batch] bool; rows set True restart from the learned memory.
 
     Returns:
-      (y [batch, seg, features] final-normed, new_memory). No stop_gradient here.
+      (y [batch, seg, features] final-normed, new_memory, {}). No stop_gradient here.
     """
     n, (batch, seg, features) = self.num_memory_tokens, x.shape
     if reset is not None:
@@ -211,21 +168,17 @@ class RecurrentMemoryTransformer(nnx.Module):
     h = h + jnp.asarray(sinusoidal_table(2 * n + seg, features), x.dtype)[None]
     real = jnp.ones((batch, n), bool)
     key_mask = jnp.concatenate([real, mask, real], axis=1)
-    keep = jnp.asarray(memory_pattern(n, seg))[None, None] & key_mask[:, None, None, :]
-    for block in self.blocks:
-      h = block(h, keep=keep, deterministic=deterministic)
-    h = self.final_norm(h)
+    keep = jnp.asarray(memory_pattern(n, seg))[None, None]
+    bias = jnp.where(keep, 0.0, masking.large_negative(jnp.float32))
+    for block in stack.blocks:
+      h = block(h, mask=key_mask, bias=bias, deterministic=deterministic)
+    h = stack.final_norm(h)
     has_real = mask.any(axis=1)
     new_memory = {
       "tokens": jnp.where(has_real[:, None, None], h[:, n + seg :], memory["tokens"]),
       "valid": memory["valid"] | has_real,
     }
-    return h[:, n : n + seg], new_memory
-
-  def call_with_aux(self, x, memory, *, mask=None, reset=None, deterministic=True):
-    """`__call__` plus an empty aux-loss dict (the interface of the XL stacks)."""
-    y, new_memory = self(x, memory, mask=mask, reset=reset, deterministic=deterministic)
-    return y, new_memory, {}
+    return h[:, n : n + seg], new_memory, {}
 
 
 def truncated_bptt(

@@ -14,28 +14,17 @@ contract): the incoming memory and the returned one are both wrapped in
 `jax.lax.stop_gradient`, unless `stop_memory_gradient=False`.
 
 The u and v biases are per layer (the paper shares them across layers; per layer
-is a strict superset and keeps every block self-contained).
+is a strict superset and keeps every block self-contained). They, W_r and the
+relative attention belong to the softmax attention with position="relative"
+(`attention.relative`); this module holds the memory only.
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers.attention.base import (
-  OUT_BIAS_AXES,
-  OUT_KERNEL_AXES,
-  QKV_BIAS_AXES,
-  QKV_KERNEL_AXES,
-)
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.layers import (
-  ACTIVATION_AXES,
-  FeedForward,
-  constrain,
-  layer_norm,
-  param_axes,
-)
-from efficient_transformers.memory.relative import relative_attention, sinusoidal_relative_encoding
+from efficient_transformers.memory.registry import register
 
 # Memory entries whose batch axis is 1 ([layers, batch, ...]); every other entry has it at 0.
 _LAYERED_ENTRIES = ("hidden", "compressed")
@@ -62,131 +51,6 @@ def reset_memory(memory: dict, reset: jax.Array) -> dict:
   return out
 
 
-class RelativeMultiHeadAttention(nnx.Module):
-  """Multi-head attention of a segment over [context; segment] with relative positions.
-
-  Shapes: x [batch, qlen, features], context [batch, clen, features] (memory,
-  already normalized like x); mask [batch, clen + qlen] bool; out like x.
-  """
-
-  def __init__(
-    self,
-    *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    rngs: nnx.Rngs,
-    dtype: jnp.dtype | None = None,
-    param_dtype: jnp.dtype = jnp.float32,
-  ):
-    self.in_features = in_features
-
-    def projection(use_bias: bool = True):
-      return nnx.LinearGeneral(
-        in_features,
-        (num_heads, head_dim),
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_metadata=param_axes(*QKV_KERNEL_AXES),
-        bias_metadata=param_axes(*QKV_BIAS_AXES),
-        rngs=rngs,
-      )
-
-    self.query = projection()
-    self.key = projection()
-    self.value = projection()
-    # W_r of the paper: projects the sinusoids of the distances, no bias.
-    self.position = projection(use_bias=False)
-    zeros = nnx.initializers.zeros_init()
-    self.u_bias = nnx.Param(
-      zeros(rngs.params(), (num_heads, head_dim), param_dtype), **param_axes(*QKV_BIAS_AXES)
-    )
-    self.v_bias = nnx.Param(
-      zeros(rngs.params(), (num_heads, head_dim), param_dtype), **param_axes(*QKV_BIAS_AXES)
-    )
-    self.out = nnx.LinearGeneral(
-      (num_heads, head_dim),
-      in_features,
-      axis=(-2, -1),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_metadata=param_axes(*OUT_KERNEL_AXES),
-      bias_metadata=param_axes(*OUT_BIAS_AXES),
-      rngs=rngs,
-    )
-    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
-
-  def __call__(
-    self,
-    x: jax.Array,
-    context: jax.Array,
-    *,
-    mask: jax.Array | None = None,
-    deterministic: bool = True,
-  ) -> jax.Array:
-    h = jnp.concatenate([context.astype(x.dtype), x], axis=1)
-    q, k, v = self.query(x), self.key(h), self.value(h)
-    encoding = sinusoidal_relative_encoding(h.shape[1], self.in_features, dtype=x.dtype)
-    r = self.position(encoding)
-    out = relative_attention(q, k, v, r, self.u_bias[...], self.v_bias[...], mask=mask)
-    out = self.dropout(out, deterministic=deterministic)
-    return self.out(out)
-
-
-class XLBlock(nnx.Module):
-  """Pre-LN block: x + RelAttn(LN(x) over LN([context; x])), then x + MLP(LN(x))."""
-
-  def __init__(
-    self,
-    *,
-    features: int,
-    num_heads: int,
-    head_dim: int,
-    mlp_dim: int,
-    dropout_rate: float = 0.0,
-    attention_dropout_rate: float = 0.0,
-    rngs: nnx.Rngs,
-    dtype=None,
-    param_dtype=jnp.float32,
-  ):
-    self.attention_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.attention = RelativeMultiHeadAttention(
-      in_features=features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=attention_dropout_rate,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
-    self.mlp_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.mlp = FeedForward(
-      features, mlp_dim, dropout_rate=dropout_rate, rngs=rngs, dtype=dtype, param_dtype=param_dtype
-    )
-    self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
-
-  def __call__(
-    self,
-    x: jax.Array,
-    context: jax.Array,
-    *,
-    mask: jax.Array | None,
-    deterministic: bool = True,
-  ) -> jax.Array:
-    """x [batch, qlen, features], context [batch, clen, features] (raw layer inputs)."""
-    h = self.attention(
-      self.attention_norm(x),
-      self.attention_norm(context.astype(x.dtype)),
-      mask=mask,
-      deterministic=deterministic,
-    )
-    x = x + self.dropout(h, deterministic=deterministic)
-    h = self.mlp(self.mlp_norm(x), deterministic=deterministic)
-    return constrain(x + self.dropout(h, deterministic=deterministic), ACTIVATION_AXES)
-
-
 def push(old: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Appends `new` [batch, n, ...] to the FIFO `old` [batch, m, ...] along axis 1.
 
@@ -204,31 +68,36 @@ def check_mem_len(name: str, value: int) -> None:
     raise ConfigError(f"config.model.{name} must be an integer >= 0; got {value!r}.")
 
 
-class TransformerXL(nnx.Module):
-  """A stack of XLBlocks with a per-layer memory of past layer inputs.
+@register("transformer_xl")
+class TransformerXLMemory(nnx.Module):
+  """Transformer-XL's memory as an option of the one stack (`Stack(memory="transformer_xl")`).
+
+  Each block reads its own memory slot as the context of its attention, keys and
+  values over [memory; segment]. With softmax and position="relative" (the
+  default of every model that builds it) this is the paper's model; any other
+  attention takes the memory too (`attention.base`: every variant takes a
+  context), with RoPE or ALiBi positions, which are relative as well, or none.
 
   Args:
-    num_layers, features, num_heads, head_dim, mlp_dim: the block sizes.
+    num_layers, features: the stack's.
     mem_len: memory slots per layer made by `init_memory` (the training length).
     stop_memory_gradient: stop gradients at the memory boundary (the contract).
   """
+
+  causal_stack = True  # The stack's attention must be causal.
 
   def __init__(
     self,
     *,
     num_layers: int,
     features: int,
-    num_heads: int,
-    head_dim: int,
-    mlp_dim: int,
     mem_len: int,
-    dropout_rate: float = 0.0,
-    attention_dropout_rate: float = 0.0,
     stop_memory_gradient: bool = True,
-    rngs: nnx.Rngs,
+    rngs: nnx.Rngs | None = None,
     dtype=None,
     param_dtype=jnp.float32,
   ):
+    del rngs, param_dtype
     check_mem_len("mem_len", mem_len)
     if num_layers < 1:
       raise ConfigError(f"config.model.num_layers must be >= 1; got {num_layers}.")
@@ -237,23 +106,16 @@ class TransformerXL(nnx.Module):
     self.mem_len = mem_len
     self.stop_memory_gradient = stop_memory_gradient
     self.dtype = dtype
-    self.blocks = nnx.List(
-      [
-        XLBlock(
-          features=features,
-          num_heads=num_heads,
-          head_dim=head_dim,
-          mlp_dim=mlp_dim,
-          dropout_rate=dropout_rate,
-          attention_dropout_rate=attention_dropout_rate,
-          rngs=rngs,
-          dtype=dtype,
-          param_dtype=param_dtype,
-        )
-        for _ in range(num_layers)
-      ]
-    )
-    self.final_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+  @classmethod
+  def check_attention(cls, attention_name: str, attention_kwargs: dict, *, causal: bool) -> None:
+    """Every attention takes a context; the stack must be causal."""
+    del attention_name, attention_kwargs
+    if not causal:
+      raise ConfigError(
+        f"memory {cls.registered_name!r} runs a causal stack (a segment reads its past); "
+        "set causal=True."
+      )
 
   def init_memory(self, batch_size: int, *, mem_len: int | None = None) -> dict:
     """An empty memory; `mem_len` overrides the configured length (e.g. longer at eval).
@@ -270,7 +132,7 @@ class TransformerXL(nnx.Module):
       "valid": jnp.zeros((batch_size, mem_len), bool),
     }
 
-  def _prepare(self, x, memory, mask, reset) -> tuple[dict, jax.Array]:
+  def prepare(self, x, memory, mask, reset) -> tuple[dict, jax.Array]:
     """Applies reset and the input stop-gradient; returns (memory, segment mask)."""
     hidden = memory["hidden"]
     if hidden.shape[0] != self.num_layers or hidden.shape[1] != x.shape[0]:
@@ -286,19 +148,22 @@ class TransformerXL(nnx.Module):
       mask = jnp.ones(x.shape[:2], bool)
     return memory, mask
 
-  def _stack(self, x, contexts, kv_mask, deterministic):
-    """Runs the blocks; returns (final-normed y, [layer inputs])."""
+  def run_blocks(self, stack, x, contexts, context_mask, mask, deterministic):
+    """The stack's blocks, block i reading contexts[i]; returns (final-normed y, [inputs])."""
     inputs = []
-    for block, context in zip(self.blocks, contexts, strict=True):
+    for block, context in zip(stack.blocks, contexts, strict=True):
       inputs.append(x)
-      x = block(x, context, mask=kv_mask, deterministic=deterministic)
-    return self.final_norm(x), inputs
+      x = block(
+        x, mask=mask, context=context, context_mask=context_mask, deterministic=deterministic
+      )
+    return stack.final_norm(x), inputs
 
-  def _finish(self, new_memory: dict) -> dict:
+  def finish(self, new_memory: dict) -> dict:
     return jax.lax.stop_gradient(new_memory) if self.stop_memory_gradient else new_memory
 
-  def call_with_aux(
+  def run(
     self,
+    stack,
     x: jax.Array,
     memory: dict,
     *,
@@ -306,28 +171,11 @@ class TransformerXL(nnx.Module):
     reset: jax.Array | None = None,
     deterministic: bool = True,
   ) -> tuple[jax.Array, dict, dict]:
-    """Like `__call__`, plus an aux-loss dict (empty here; see the compressive variant)."""
-    memory, mask = self._prepare(x, memory, mask, reset)
-    kv_mask = jnp.concatenate([memory["valid"], mask], axis=1)
-    y, inputs = self._stack(x, list(memory["hidden"]), kv_mask, deterministic)
-    hidden = [push(old, new)[0] for old, new in zip(memory["hidden"], inputs, strict=True)]
-    new_memory = {"hidden": jnp.stack(hidden), "valid": push(memory["valid"], mask)[0]}
-    return y, self._finish(new_memory), {}
-
-  def __call__(
-    self,
-    x: jax.Array,
-    memory: dict,
-    *,
-    mask: jax.Array | None = None,
-    reset: jax.Array | None = None,
-    deterministic: bool = True,
-  ) -> tuple[jax.Array, dict]:
-    """One segment through the stack, reading and updating the memory.
+    """One segment through `stack`, reading and updating the memory.
 
     Args:
-      x: [batch, seg, features], the embedded segment (no positions added:
-        positions are relative, inside attention). Any seg >= 1 works, so a
+      stack: the `models.Stack` that owns this option (its blocks and final norm).
+      x: [batch, seg, features], the embedded segment. Any seg >= 1 works, so a
         sequence may be fed a segment or a token at a time.
       memory: from `init_memory` or a previous call; its length is kept.
       mask: [batch, seg] bool, True = real token; padded tokens are never
@@ -336,9 +184,12 @@ class TransformerXL(nnx.Module):
       deterministic: disables dropout.
 
     Returns:
-      (y [batch, seg, features] final-normed, new_memory of the same structure).
+      (y [batch, seg, features] final-normed, new_memory of the same structure, {}).
     """
-    y, new_memory, _ = self.call_with_aux(
-      x, memory, mask=mask, reset=reset, deterministic=deterministic
+    memory, mask = self.prepare(x, memory, mask, reset)
+    y, inputs = self.run_blocks(
+      stack, x, list(memory["hidden"]), memory["valid"], mask, deterministic
     )
-    return y, new_memory
+    hidden = [push(old, new)[0] for old, new in zip(memory["hidden"], inputs, strict=True)]
+    new_memory = {"hidden": jnp.stack(hidden), "valid": push(memory["valid"], mask)[0]}
+    return y, self.finish(new_memory), {}

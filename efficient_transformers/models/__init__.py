@@ -4,7 +4,13 @@ from efficient_transformers.models.classifier import DualEncoderClassifier, Enco
 from efficient_transformers.models.decoder import DecoderLM
 from efficient_transformers.models.encoder import Encoder, EncoderBlock
 from efficient_transformers.models.heads import ClassifierHead, pool
+from efficient_transformers.models.recurrent import (
+  CompressiveTransformer,
+  RecurrentMemoryTransformer,
+  TransformerXL,
+)
 from efficient_transformers.models.segmented import SegmentedClassifier
+from efficient_transformers.models.stack import Block, Stack
 
 MODELS = {
   "classifier": EncoderClassifier,
@@ -15,12 +21,17 @@ MODELS = {
 
 __all__ = [
   "MODELS",
+  "Block",
   "ClassifierHead",
+  "CompressiveTransformer",
   "DecoderLM",
   "DualEncoderClassifier",
   "Encoder",
   "EncoderBlock",
   "EncoderClassifier",
+  "RecurrentMemoryTransformer",
   "SegmentedClassifier",
+  "Stack",
+  "TransformerXL",
   "pool",
 ]

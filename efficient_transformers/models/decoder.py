@@ -2,13 +2,18 @@
 
 `memory` selects the stack between the token embedding and the output head:
 
-  "none"            a plain pre-LN causal decoder (the shared `Stack`) with any
-                    attention that can be causal (`attention.available(
-                    causal=True)`); absolute sinusoidal positions from
-                    TokenEmbedding, restarting every segment; no memory ({}).
-  "transformer_xl"  TransformerXL: relative positions, memory of mem_len slots.
-  "compressive"     CompressiveTransformer: plus cmem_len compressed slots.
-  "rmt"             RecurrentMemoryTransformer: num_memory_tokens memory vectors.
+  "none"            a plain pre-LN causal decoder: any attention that can be
+                    causal (`attention.available(causal=True)`); positions
+                    restart every segment; no memory ({}).
+  "transformer_xl"  Transformer-XL's memory of mem_len slots per layer, read
+                    as a context by any causal attention; positions relative
+                    (the paper's, softmax only), rope, alibi or none.
+  "compressive"     plus cmem_len compressed slots.
+  "rmt"             num_memory_tokens memory vectors over [read; segment;
+                    write], with an attention that takes a bias (softmax,
+                    dot_product).
+
+All of them are the one `Stack` with a memory option (`memory.make`).
 
 The output head is a separate (untied) Linear [emb_dim, vocab]: the token
 embedding is initialized with unit variance, which would make tied logits
@@ -22,15 +27,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from efficient_transformers import memory as recurrent
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.layers import TokenEmbedding, param_axes, positions
-from efficient_transformers.memory import (
-  CompressiveTransformer,
-  RecurrentMemoryTransformer,
-  TransformerXL,
-  reset_memory,
-  truncated_bptt,
-)
+from efficient_transformers.memory import reset_memory, truncated_bptt
 from efficient_transformers.models.stack import Stack
 
 MEMORY_KINDS = ("none", "transformer_xl", "compressive", "rmt")
@@ -41,22 +41,6 @@ POSITIONAL = {
   "compressive": "relative",
   "rmt": "sinusoidal",
 }
-
-
-class CausalDecoder(Stack):
-  """The memory="none" stack: a causal `Stack` with the memory interface; memory is {}."""
-
-  def __init__(self, **kwargs):
-    super().__init__(causal=True, **kwargs)
-
-  def init_memory(self, batch_size: int) -> dict:
-    del batch_size
-    return {}
-
-  def call_with_aux(self, x, memory, *, mask=None, reset=None, deterministic=True):
-    """x [batch, seg, features] -> (y [batch, seg, features], {}, {})."""
-    del memory, reset
-    return self(x, mask=mask, deterministic=deterministic), {}, {}
 
 
 class DecoderLM(nnx.Module):
@@ -70,16 +54,18 @@ class DecoderLM(nnx.Module):
     dropout_rate: residual, MLP and embedding dropout.
     attention_dropout_rate: dropout on per-head attention outputs.
     memory: one of MEMORY_KINDS.
-    attention_name, attention_kwargs: the causal attention of memory="none",
-      as `attention.make` takes them. The memory stacks have attention of
-      their own (softmax over [memory; segment]) and take only "softmax".
+    attention_name, attention_kwargs: the attention, as `attention.make` takes
+      them; the memory says which it can feed (`memory.check_attention`).
     positional: the position scheme; "" = the memory kind's own (POSITIONAL).
       memory="none" takes any of `layers.positions.POSITIONALS` (sinusoidal,
       learned, axial, rope, alibi, none; positions restart every segment);
-      the memory stacks take their own only, for now.
+      the memories take those of MEMORY_POSITIONALS.
     mem_len: Transformer-XL / compressive memory slots per layer.
     cmem_len, compression, compression_rate: the compressive memory.
     num_memory_tokens: RMT memory vectors.
+    reversible, share_layers, scan_layers, remat_policy: the stack's layer
+      options (see `Stack`), for memory="none"; with a memory, a value other
+      than the default is a ConfigError naming the option and the memory.
   """
 
   input_names = ("inputs",)
@@ -105,6 +91,10 @@ class DecoderLM(nnx.Module):
     compression: str = "conv",
     compression_rate: int = 1,
     num_memory_tokens: int = 0,
+    reversible: bool = False,
+    share_layers: str | int = "none",
+    scan_layers: bool = False,
+    remat_policy: str = "none",
     rngs: nnx.Rngs,
     dtype=None,
     param_dtype=jnp.float32,
@@ -122,20 +112,8 @@ class DecoderLM(nnx.Module):
         f"config.model.segment_length={segment_length} must be a multiple of "
         f"config.model.compression_rate={compression_rate}."
       )
-    if memory != "none" and attention_name != "softmax":
-      raise ConfigError(
-        f"memory={memory!r} takes attention 'softmax' only (its attention runs over "
-        f"[memory; segment]); got attention {attention_name!r}. Use memory='none' for "
-        "another attention."
-      )
     positional = positional or POSITIONAL[memory]
-    if memory != "none" and positional != POSITIONAL[memory]:
-      raise ConfigError(
-        f"config.model.positional={positional!r} does not work with memory={memory!r}, "
-        f"whose positions are {POSITIONAL[memory]!r}; use memory='none' for another scheme."
-      )
-    if memory == "none":
-      positions.check_positional(positional)
+    _check_positional(memory, positional, attention_name)
     self.memory_kind = memory
     self.positional = positional
     self.segment_length = segment_length
@@ -163,24 +141,30 @@ class DecoderLM(nnx.Module):
       dtype=dtype,
       param_dtype=param_dtype,
     )
-    if memory == "none":
-      self.stack = CausalDecoder(
-        attention_name=attention_name,
-        attention_kwargs=positions.with_position(attention_kwargs, positional),
-        **sizes,
-      )
-    elif memory == "transformer_xl":
-      self.stack = TransformerXL(mem_len=mem_len, **sizes)
-    elif memory == "compressive":
-      self.stack = CompressiveTransformer(
-        mem_len=mem_len,
-        cmem_len=cmem_len,
-        compression=compression,
-        compression_rate=compression_rate,
-        **sizes,
-      )
-    else:
-      self.stack = RecurrentMemoryTransformer(num_memory_tokens=num_memory_tokens, **sizes)
+    memory_kwargs = {
+      "none": {},
+      "transformer_xl": {"mem_len": mem_len},
+      "compressive": {
+        "mem_len": mem_len,
+        "cmem_len": cmem_len,
+        "compression": compression,
+        "compression_rate": compression_rate,
+      },
+      "rmt": {"num_memory_tokens": num_memory_tokens},
+    }[memory]
+    in_attention = "relative" if positional == "relative" else positional
+    self.stack = Stack(
+      attention_name=attention_name,
+      attention_kwargs=_with_scheme(attention_kwargs, in_attention),
+      causal=memory == "none" or recurrent.get_class(memory).causal_stack,
+      memory=memory,
+      memory_kwargs=memory_kwargs,
+      reversible=reversible,
+      share_layers=share_layers,
+      scan_layers=scan_layers,
+      remat_policy=remat_policy,
+      **sizes,
+    )
     self.head = nnx.Linear(
       emb_dim,
       vocab_size,
@@ -279,3 +263,38 @@ class DecoderLM(nnx.Module):
     logits = jnp.concatenate([logits for logits, _ in results], axis=1)
     aux = {name: jnp.mean(jnp.stack([a[name] for _, a in results])) for name in results[0][1]}
     return logits, memory, aux
+
+
+def _with_scheme(attention_kwargs: dict | None, positional: str) -> dict:
+  """The attention kwargs with position= for the schemes that act inside attention."""
+  kwargs = dict(attention_kwargs or {})
+  if positional in ("rope", "alibi", "relative"):
+    kwargs["position"] = positional
+  return kwargs
+
+
+# The position schemes each memory kind combines with. Transformer-XL's memory
+# needs positions that are relative (absolute ones restart every segment, so a
+# memory slot and a token of this segment would share positions): its own
+# relative ones (softmax), RoPE or ALiBi, both relative too, or none. RMT places
+# sinusoids over [read; segment; write] itself.
+MEMORY_POSITIONALS = {
+  "none": positions.POSITIONALS,
+  "transformer_xl": ("relative", "rope", "alibi", "none"),
+  "compressive": ("relative", "rope", "alibi", "none"),
+  "rmt": ("sinusoidal",),
+}
+
+
+def _check_positional(memory: str, positional: str, attention_name: str) -> None:
+  valid = MEMORY_POSITIONALS[memory]
+  if positional not in valid:
+    raise ConfigError(
+      f"config.model.positional={positional!r} does not work with memory={memory!r}; "
+      f"valid: {', '.join(valid)}."
+    )
+  if positional == "relative" and attention_name != "softmax":
+    raise ConfigError(
+      f"config.model.positional='relative' (Transformer-XL's) needs attention 'softmax'; "
+      f"with attention {attention_name!r} use positional='rope', 'alibi' or 'none'."
+    )

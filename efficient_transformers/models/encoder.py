@@ -22,6 +22,8 @@ class Encoder(nnx.Module):
 
   With `use_cls`, a learned CLS vector is prepended (length' = length + 1) and
   counted as a real token in the mask. Padding is token id 0.
+  `reversible`, `share_layers`, `scan_layers`, `remat_policy`: the stack's layer
+  options (see `Stack`).
   """
 
   def __init__(
@@ -41,6 +43,10 @@ class Encoder(nnx.Module):
     positional: str = "sinusoidal",
     use_cls: bool = False,
     causal: bool = False,
+    reversible: bool = False,
+    share_layers: str | int = "none",
+    scan_layers: bool = False,
+    remat_policy: str = "none",
     rngs: nnx.Rngs,
     dtype=None,
     param_dtype=jnp.float32,
@@ -76,6 +82,10 @@ class Encoder(nnx.Module):
       dropout_rate=dropout_rate,
       attention_dropout_rate=attention_dropout_rate,
       causal=causal,
+      reversible=reversible,
+      share_layers=share_layers,
+      scan_layers=scan_layers,
+      remat_policy=remat_policy,
       rngs=rngs,
       dtype=dtype,
       param_dtype=param_dtype,

@@ -89,6 +89,8 @@ class SegmentedClassifier(nnx.Module):
       'mean' (the mean of the memory vectors) or 'cls' (the first memory vector).
     positional: as in `Encoder`, over `num_memory_tokens + segment_length` positions that
       restart in every segment.
+    reversible, share_layers, scan_layers, remat_policy: the stack's layer options
+      (see `Stack`).
     The other arguments are those of `EncoderClassifier`; `max_length` bounds the whole
     input's length, not a segment's.
   """
@@ -117,6 +119,10 @@ class SegmentedClassifier(nnx.Module):
     attention_dropout_rate: float = 0.1,
     pooling: str = "mean",
     positional: str = "sinusoidal",
+    reversible: bool = False,
+    share_layers: str | int = "none",
+    scan_layers: bool = False,
+    remat_policy: str = "none",
     rngs: nnx.Rngs,
     dtype=None,
     param_dtype=jnp.float32,
@@ -163,6 +169,10 @@ class SegmentedClassifier(nnx.Module):
       attention_kwargs=with_position(attention_kwargs, positional),
       dropout_rate=dropout_rate,
       attention_dropout_rate=attention_dropout_rate,
+      reversible=reversible,
+      share_layers=share_layers,
+      scan_layers=scan_layers,
+      remat_policy=remat_policy,
       rngs=rngs,
       dtype=dtype,
       param_dtype=param_dtype,

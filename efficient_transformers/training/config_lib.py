@@ -128,6 +128,8 @@ SHARDING_RULES = (
   ("kv", None),
   ("mlp", "tensor"),
   ("vocab", None),
+  # The leading axis of parameters stacked for model.scan_layers: not sharded.
+  ("layers", None),
 )
 
 
@@ -155,7 +157,18 @@ def lra_base(*, task: str, attention: str, data_dir: str) -> ml_collections.Conf
   c.model.positional = "sinusoidal"  # sinusoidal | learned | axial | rope | alibi | none
   c.model.pooling = "cls"  # cls | mean
   c.model.max_length = 2_000
+  layer_options(c.model)
   return c
+
+
+def layer_options(model: ml_collections.ConfigDict) -> None:
+  """The stack's layer options (models.Stack), at their defaults: the plain stack."""
+  model.reversible = False  # Reversible residual layers (Reformer).
+  # none | all | N (N consecutive layers share one block; as a string from the
+  # command line, e.g. --config.model.share_layers=2).
+  model.share_layers = "none"
+  model.scan_layers = False  # One nnx.scan over parameters stacked on a "layers" axis.
+  model.remat_policy = "none"  # none | full | dots_saveable | nothing_saveable
 
 
 def training_base(*, task: str, data_dir: str) -> ml_collections.ConfigDict:

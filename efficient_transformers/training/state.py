@@ -60,6 +60,10 @@ def build_model(
     dropout_rate=model_cfg.dropout_rate,
     attention_dropout_rate=model_cfg.attention_dropout_rate,
     positional=model_cfg.positional,
+    reversible=model_cfg.reversible,
+    share_layers=model_cfg.share_layers,
+    scan_layers=model_cfg.scan_layers,
+    remat_policy=model_cfg.remat_policy,
     dtype=compute_dtype,
     rngs=rngs,
   )
