@@ -181,7 +181,7 @@ def test_a_variant_without_the_option_is_refused_by_name():
     _module("synthesizer", "rope", max_length=16)
   with pytest.raises(ConfigError, match=r"'performer' does not take position='alibi'.*local"):
     _module("performer", "alibi")
-  with pytest.raises(ConfigError, match="position must be None, 'rope' or 'alibi'"):
+  with pytest.raises(ConfigError, match="position must be None, 'rope', 'alibi' or 'relative'"):
     _module("softmax", "sinusoidal")
   with pytest.raises(ConfigError, match="positional must be one of"):
     TokenEmbedding(10, 8, max_length=4, positional="rotary", rngs=nnx.Rngs(0))
@@ -245,7 +245,7 @@ def test_lm_positions_stay_causal_and_change_the_output(positional, attention_na
 
 def test_lm_memory_stacks_refuse_another_position_scheme_by_name():
   with pytest.raises(
-    ConfigError, match=r"positional='rope' does not work with memory='transformer_xl'"
+    ConfigError, match=r"positional='learned' does not work with memory='transformer_xl'"
   ):
     DecoderLM(
       num_layers=1,
@@ -256,6 +256,19 @@ def test_lm_memory_stacks_refuse_another_position_scheme_by_name():
       segment_length=8,
       memory="transformer_xl",
       mem_len=8,
+      positional="learned",
+      rngs=nnx.Rngs(0),
+    )
+  with pytest.raises(ConfigError, match=r"positional='rope' does not work with memory='rmt'"):
+    DecoderLM(
+      num_layers=1,
+      emb_dim=16,
+      num_heads=2,
+      qkv_dim=16,
+      mlp_dim=32,
+      segment_length=8,
+      memory="rmt",
+      num_memory_tokens=2,
       positional="rope",
       rngs=nnx.Rngs(0),
     )
