@@ -27,5 +27,19 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  """Each test file is one xdist group (its module fixtures set up once, in one worker),
+  except tests marked `spread`: independent, slow ones (the README's dry runs, one
+  model per attention) that the two workers share one by one. Runs before xdist's own
+  hook, which reads the groups (`--dist loadgroup` in pyproject.toml)."""
+  del config
+  for item in items:
+    if item.get_closest_marker("spread") or item.get_closest_marker("xdist_group"):
+      continue
+    item.add_marker(pytest.mark.xdist_group(item.module.__name__))

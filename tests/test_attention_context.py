@@ -18,6 +18,9 @@ from efficient_transformers.errors import ConfigError
 from efficient_transformers.training import config_lib
 from tests.attention_reference import dense_attention
 
+# Independent tests: the xdist workers share them one by one (tests/conftest.py).
+pytestmark = pytest.mark.spread
+
 CONTEXT, LENGTH, FEATURES = 32, 32, 16
 
 

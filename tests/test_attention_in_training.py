@@ -15,6 +15,9 @@ from efficient_transformers import attention
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.training import sharding, state
 
+# Independent tests: the xdist workers share them one by one (tests/conftest.py).
+pytestmark = pytest.mark.spread
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

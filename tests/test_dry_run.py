@@ -12,6 +12,9 @@ import pytest
 from efficient_transformers.training import train_lib
 from tests.helpers import REPO, run_cli
 
+# Independent tests: the xdist workers share them one by one (tests/conftest.py).
+pytestmark = pytest.mark.spread
+
 CONFIG_DIR = os.path.join(REPO, "configs")
 
 

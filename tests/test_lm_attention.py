@@ -19,6 +19,9 @@ from efficient_transformers.errors import ConfigError
 from efficient_transformers.models import DecoderLM
 from efficient_transformers.training import sharding, state, train_lib
 
+# Independent tests: the xdist workers share them one by one (tests/conftest.py).
+pytestmark = pytest.mark.spread
+
 CAUSAL = attention.available(causal=True)
 
 

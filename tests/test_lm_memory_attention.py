@@ -18,6 +18,9 @@ from efficient_transformers.models import DecoderLM
 from efficient_transformers.training import state
 from tests.test_lm_attention import CAUSAL, random_bytes, train_two_sharded_steps
 
+# Independent tests: the xdist workers share them one by one (tests/conftest.py).
+pytestmark = pytest.mark.spread
+
 
 def xl_config(name: str, memory: str = "transformer_xl"):
   """The smoke LM with a memory: segments of 32 after a memory of 32 (64 keys)."""

@@ -194,6 +194,7 @@ DRY_RUNS = list(
 )
 
 
+@pytest.mark.spread
 @pytest.mark.parametrize("command", DRY_RUNS)
 def test_command_runs_under_dry_run(command, fresh_copy):
   done = _shell(_dry(command), fresh_copy)
