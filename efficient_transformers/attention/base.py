@@ -214,6 +214,8 @@ class MultiHeadAttention(nnx.Module):
       raise ConfigError(
         f"attention {name!r} does not take an additive bias; variants that do: {', '.join(takers)}."
       )
+    if bias is not None and self.position_kind == "relative":
+      raise ConfigError(f"attention {name!r}: position='relative' takes no additive bias.")
     length = x.shape[1]
     context_length = 0 if context is None else context.shape[1]
     h = x if context is None else jnp.concatenate([context.astype(x.dtype), x], axis=1)
@@ -224,8 +226,6 @@ class MultiHeadAttention(nnx.Module):
       out = relative.relative_attention(
         q, k, v, self.position(encoding), self.u_bias[...], self.v_bias[...], mask=kv_mask
       )
-      if bias is not None:
-        raise ConfigError("position='relative' takes no additive bias.")
     elif self.context_queries:
       q = self.rotate(self.query(x), offset=context_length)
       k, v = self.rotate(self.key(h)), self.value(h)

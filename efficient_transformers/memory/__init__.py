@@ -26,7 +26,6 @@ from efficient_transformers.memory.relative import (
 from efficient_transformers.memory.rmt import (
   RMTMemory,
   memory_pattern,
-  pattern_attention,
   truncated_bptt,
 )
 from efficient_transformers.memory.transformer_xl import TransformerXLMemory, reset_memory
@@ -41,7 +40,6 @@ __all__ = [
   "get_class",
   "make",
   "memory_pattern",
-  "pattern_attention",
   "register",
   "relative_attention",
   "relative_shift",

@@ -52,20 +52,6 @@ def memory_pattern(num_memory_tokens: int, segment_length: int) -> np.ndarray:
   return keep
 
 
-def pattern_attention(q: jax.Array, k: jax.Array, v: jax.Array, keep: jax.Array) -> jax.Array:
-  """softmax(q.k / sqrt(d)) v over allowed pairs, in float32; rows without keys are 0.
-
-  Args:
-    q, k, v: [batch, length, heads, head_dim].
-    keep: bool, broadcastable to [batch, heads, q_len, kv_len].
-  """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(keep, logits * q.shape[-1] ** -0.5, masking.large_negative(jnp.float32))
-  weights = jax.nn.softmax(logits, axis=-1)
-  weights = jnp.where(keep.any(-1, keepdims=True), weights, 0.0)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).astype(q.dtype)
-
-
 @register("rmt")
 class RMTMemory(nnx.Module):
   """RMT's memory as an option of the one stack (`Stack(memory="rmt")`).

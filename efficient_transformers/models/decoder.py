@@ -152,10 +152,9 @@ class DecoderLM(nnx.Module):
       },
       "rmt": {"num_memory_tokens": num_memory_tokens},
     }[memory]
-    in_attention = "relative" if positional == "relative" else positional
     self.stack = Stack(
       attention_name=attention_name,
-      attention_kwargs=_with_scheme(attention_kwargs, in_attention),
+      attention_kwargs=_with_scheme(attention_kwargs, positional),
       causal=memory == "none" or recurrent.get_class(memory).causal_stack,
       memory=memory,
       memory_kwargs=memory_kwargs,
