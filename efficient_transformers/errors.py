@@ -10,7 +10,32 @@ class UserError(Exception):
 
 
 class ConfigError(UserError, ValueError):
-  """A config key, config value or flag is invalid."""
+  """A config key, config value or flag is invalid.
+
+  Library code (attention, memory, models, layers) knows its arguments, not the
+  config that set them, so it passes `argument`: the dotted name of the argument
+  at fault as a model's constructor takes it ("num_heads", "positional",
+  "attention_kwargs.kernel"). The message then ends with "(argument: NAME)".
+  The training layer, which builds models from config.model, re-raises such an
+  error naming the config key instead (`training.state.build_model`).
+
+  Attributes:
+    message: the message without the argument.
+    argument: the constructor argument at fault, or None.
+  """
+
+  def __init__(self, message: str, *, argument: str | None = None):
+    super().__init__(message if argument is None else f"{message} (argument: {argument})")
+    self.message = message
+    self.argument = argument
+
+  def __reduce__(self):
+    # Exceptions pickle their args; the keyword would be lost (or the suffix doubled).
+    return _config_error, (self.message, self.argument)
+
+
+def _config_error(message: str, argument: str | None) -> ConfigError:
+  return ConfigError(message, argument=argument)
 
 
 class DataError(UserError, ValueError):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+from configs.lm import byte_lm as byte_lm_config
 from configs.lra import listops as listops_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,3 +120,34 @@ def run_cli(
     timeout=timeout,
     **kw,
   )
+
+
+def tiny_lm_config(data_dir, *, memory: str = "transformer_xl", steps: int = 60):
+  """The smoke LM cut to seconds: 1 layer, width 32, segments of 16, batch 8.
+
+  A constant learning rate after warmup: a run stopped early and resumed
+  follows the same schedule as one that was not.
+  """
+  c = byte_lm_config.get_config(f"smoke,memory={memory}")
+  c.data_dir = str(data_dir)
+  c.data.max_bytes = 300_000
+  c.model.num_layers = 1
+  c.model.emb_dim = c.model.qkv_dim = 32
+  c.model.num_heads = 2
+  c.model.mlp_dim = 64
+  c.model.segment_length = 16
+  if memory in ("transformer_xl", "compressive"):
+    c.model.mem_len, c.model.eval_mem_len = 16, 48
+  if memory == "compressive":
+    c.model.cmem_len, c.model.compression_rate = 8, 2
+  c.model.dropout_rate = 0.1  # Dropout masks must also replay after a resume.
+  c.batch_size = 8
+  c.num_train_steps = steps
+  c.log_every_steps = 10
+  c.eval_every_steps = 30
+  c.checkpoint_every_steps = 30
+  c.num_eval_batches = 4
+  c.optimizer.learning_rate = 3e-3
+  c.optimizer.schedule = "constant"
+  c.optimizer.warmup_steps = 5
+  return c

@@ -37,7 +37,7 @@ def test_smoke_config_trains_in_the_sharded_step(name, positional, data_dir):
   config.model.num_layers = 1
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
   task = tasks.load(config)
-  setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
+  setup = state.make_setup(config, tasks.describe(config))
   step_fn = setup.compile_train_step(
     setup.batch_spec(task.splits["train"], config.batch_size), seed=config.seed
   )

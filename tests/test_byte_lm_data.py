@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from efficient_transformers import interruptions
-from efficient_transformers.data import byte_corpus, byte_lm
+from efficient_transformers.data import byte_corpus, byte_lm, pipeline
 from efficient_transformers.errors import ConfigError, DataError
 
 SMALL_CAP = 200_000
@@ -263,10 +263,9 @@ def _positions(n: int = N) -> np.ndarray:
 
 def test_stream_iterator_continues_each_row_and_wraps():
   tokens = _positions()
-  it = byte_lm.StreamIterator(tokens, global_batch_size=B, segment_length=SEG)
-  assert it.steps_per_epoch == (N // B - 1) // SEG == 9
-  batches = [next(it) for _ in range(2 * it.steps_per_epoch + 1)]
-  assert it.epoch == 2
+  it = pipeline.stream_train_iterator(tokens, global_batch_size=B, segment_length=SEG)
+  assert (N // B - 1) // SEG == 9  # Steps per epoch.
+  batches = [next(it) for _ in range(2 * 9 + 1)]
   stream = N // B
   for t, batch in enumerate(batches):
     assert batch["inputs"].shape == batch["targets"].shape == (B, SEG)
@@ -285,9 +284,9 @@ def test_stream_iterator_continues_each_row_and_wraps():
 @pytest.mark.parametrize("process_count", [2, 4])
 def test_stream_process_shards_partition_the_global_batch(process_count):
   tokens = _positions()
-  whole = byte_lm.StreamIterator(tokens, global_batch_size=B, segment_length=SEG)
+  whole = pipeline.stream_train_iterator(tokens, global_batch_size=B, segment_length=SEG)
   shards = [
-    byte_lm.StreamIterator(
+    pipeline.stream_train_iterator(
       tokens, global_batch_size=B, segment_length=SEG, process_index=p, process_count=process_count
     )
     for p in range(process_count)
@@ -298,17 +297,19 @@ def test_stream_process_shards_partition_the_global_batch(process_count):
     for key in ("inputs", "targets", "reset"):
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
   with pytest.raises(ConfigError, match="multiple"):
-    byte_lm.StreamIterator(tokens, global_batch_size=B, segment_length=SEG, process_count=3)
+    pipeline.stream_train_iterator(
+      tokens, global_batch_size=B, segment_length=SEG, process_count=3
+    )
 
 
 @pytest.mark.parametrize("steps_before", [0, 4, 8, 13])
 def test_stream_state_resumes_the_identical_next_batch(steps_before):
   tokens = _positions()
-  it = byte_lm.StreamIterator(tokens, global_batch_size=B, segment_length=SEG)
+  it = pipeline.stream_train_iterator(tokens, global_batch_size=B, segment_length=SEG)
   for _ in range(steps_before):
     next(it)
   state = json.loads(json.dumps(it.get_state()))
-  resumed = byte_lm.StreamIterator(
+  resumed = pipeline.stream_train_iterator(
     tokens, global_batch_size=B, segment_length=SEG, process_index=1, process_count=2
   )
   resumed.set_state(state)
@@ -319,17 +320,23 @@ def test_stream_state_resumes_the_identical_next_batch(steps_before):
   assert resumed.get_state() == it.get_state()
 
 
-def test_stream_state_from_another_layout_is_rejected():
+def test_stream_too_short_or_malformed_is_refused_by_name():
   tokens = _positions()
-  state = byte_lm.StreamIterator(tokens, global_batch_size=B, segment_length=SEG).get_state()
-  other = byte_lm.StreamIterator(tokens, global_batch_size=B, segment_length=SEG + 1)
-  with pytest.raises(DataError, match="segment_length=5 vs 6"):
-    other.set_state(state)
-  other = byte_lm.StreamIterator(tokens[:-1], global_batch_size=B, segment_length=SEG)
-  with pytest.raises(DataError, match="num_tokens"):
-    other.set_state(state)
   with pytest.raises(DataError, match="need at least"):
-    byte_lm.StreamIterator(tokens[:20], global_batch_size=B, segment_length=SEG)
+    pipeline.stream_train_iterator(tokens[:20], global_batch_size=B, segment_length=SEG)
+  with pytest.raises(DataError, match="1-D"):
+    pipeline.stream_train_iterator(tokens.reshape(7, 29), global_batch_size=B, segment_length=SEG)
+  with pytest.raises(ConfigError, match="segment length"):
+    pipeline.stream_eval_batches(tokens, global_batch_size=B, segment_length=0)
+
+
+def test_stream_batching_declares_its_layout_for_the_resume_check():
+  # A resume compares this (train_lib's data order): the iterator position alone would
+  # silently continue another layout.
+  split = {"tokens": _positions()}
+  assert pipeline.Streams(8, 4).order(split) == {"segment_length": 8, "num_tokens": N}
+  assert pipeline.Streams(8, 4).order(split) != pipeline.Streams(16, 4).order(split)
+  assert pipeline.EXAMPLES.order({"inputs": np.zeros((3, 2))}) == {}
 
 
 @pytest.mark.parametrize(
@@ -338,15 +345,15 @@ def test_stream_state_from_another_layout_is_rejected():
 def test_stream_eval_covers_every_token_once(n, batch, seg, procs):
   tokens = _positions(n)
   shards = [
-    byte_lm.StreamEvalBatches(
+    pipeline.stream_eval_batches(
       tokens, global_batch_size=batch, segment_length=seg, process_index=p, process_count=procs
     )
     for p in range(procs)
   ]
-  assert len({len(s) for s in shards}) == 1  # The same number of steps on every process.
   steps = [list(s) for s in shards]
+  assert len({len(s) for s in steps}) == 1  # The same number of steps on every process.
   targets, inputs = [], []
-  for t in range(len(shards[0])):
+  for t in range(len(steps[0])):
     merged = {k: np.concatenate([s[t][k] for s in steps]) for k in ("inputs", "targets", "reset")}
     assert merged["inputs"].shape == (batch, seg)
     np.testing.assert_array_equal(merged["reset"], np.full(batch, t == 0))
@@ -363,7 +370,7 @@ def test_stream_eval_covers_every_token_once(n, batch, seg, procs):
   for r in range(batch):
     row = rows[r][rows[r] != 0]
     np.testing.assert_array_equal(np.diff(row), np.ones(len(row) - 1))
-  assert [len(list(s)) for s in shards] == [len(s) for s in shards]  # Re-iterable.
+  assert [len(list(s)) for s in shards] == [len(s) for s in steps]  # Re-iterable.
 
 
 # ---------------------------------------------------------------- The task.
@@ -371,7 +378,11 @@ def test_stream_eval_covers_every_token_once(n, batch, seg, procs):
 
 def _config(data_dir, corpus="stdlib"):
   return ml_collections.ConfigDict(
-    {"data_dir": str(data_dir), "data": {"corpus": corpus, "max_bytes": SMALL_CAP, "split_seed": 0}}
+    {
+      "data_dir": str(data_dir),
+      "data": {"corpus": corpus, "max_bytes": SMALL_CAP, "split_seed": 0},
+      "model": {"segment_length": 16, "bptt_segments": 2},
+    }
   )
 
 

@@ -89,7 +89,7 @@ def train_two_sharded_steps(config):
   step_fn = train_lib._compile_train_step(config, spec, setup)
   train_state = state.init_state(setup)
   before = jax.device_get(train_state["params"])
-  length = train_lib.stream_lengths(config)[0]
+  length = spec.fields["inputs"][0][0]
   for i in range(2):
     tokens = random_bytes(i, (config.batch_size, length + 1))
     batch = {

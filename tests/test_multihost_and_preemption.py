@@ -39,7 +39,7 @@ def _records(workdir, split):
 
 def _final_params(workdir, config):
   task = tasks.load(config, generate=False)
-  setup = state.make_setup(config, vocab_size=task.vocab_size, num_classes=task.num_classes)
+  setup = state.make_setup(config, tasks.describe(config))
   ckpt = checkpointing.Checkpointer(workdir, fingerprint=model_fingerprint(config, task))
   step, params = ckpt.restore_params(setup.abstract_state["params"], which="latest")
   ckpt.close()

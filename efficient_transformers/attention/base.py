@@ -25,6 +25,10 @@ Shapes:
   bias:    broadcastable to [batch, heads, length, context_length + length]
 """
 
+import inspect
+import types
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -124,7 +128,8 @@ class MultiHeadAttention(nnx.Module):
       if not causal:
         raise ConfigError(
           "position='relative' (Transformer-XL) is causal only; set causal=True or "
-          "another position."
+          "another position.",
+          argument="positional",
         )
       # Transformer-XL's W_r (projects the sinusoids of the distances, no bias)
       # and its u and v biases, in the order and under the names of the original
@@ -212,10 +217,14 @@ class MultiHeadAttention(nnx.Module):
 
       takers = [n for n in registry.available() if registry.get_class(n).supports_bias]
       raise ConfigError(
-        f"attention {name!r} does not take an additive bias; variants that do: {', '.join(takers)}."
+        f"attention {name!r} does not take an additive bias; variants that do: "
+        f"{', '.join(takers)}.",
+        argument="attention_name",
       )
     if bias is not None and self.position_kind == "relative":
-      raise ConfigError(f"attention {name!r}: position='relative' takes no additive bias.")
+      raise ConfigError(
+        f"attention {name!r}: position='relative' takes no additive bias.", argument="positional"
+      )
     length = x.shape[1]
     context_length = 0 if context is None else context.shape[1]
     h = x if context is None else jnp.concatenate([context.astype(x.dtype), x], axis=1)
@@ -262,6 +271,27 @@ def join_masks(context_mask, mask, batch: int, context_length: int, length: int)
   return jnp.concatenate([context_mask.astype(bool), mask.astype(bool)], axis=1)
 
 
+def defaults_of(*functions: Callable) -> types.SimpleNamespace:
+  """The keyword defaults of `functions` (a variant's pure functions), by name.
+
+  A variant's module takes the defaults of the kwargs it shares with its pure
+  function from here, so the function's signature is the one place each
+  default is declared (and `registry.variant_kwargs` still reads them):
+
+      _DEFAULTS = defaults_of(local_attention)
+
+      def __init__(self, *, block_size: int = _DEFAULTS.block_size, **common): ...
+
+  With several functions, the first one declaring a name gives its default.
+  """
+  defaults = {}
+  for function in functions:
+    for name, parameter in inspect.signature(function).parameters.items():
+      if parameter.default is not parameter.empty:
+        defaults.setdefault(name, parameter.default)
+  return types.SimpleNamespace(**defaults)
+
+
 POSITIONS = (None, "rope", "alibi", "relative")
 
 
@@ -270,12 +300,15 @@ def check_position(cls: type, position) -> None:
   name = getattr(cls, "registered_name", cls.__name__)
   if position not in POSITIONS:
     raise ConfigError(
-      f"attention {name!r}: position must be None, 'rope', 'alibi' or 'relative'; got {position!r}."
+      f"attention {name!r}: position must be None, 'rope', 'alibi' or 'relative'; "
+      f"got {position!r}.",
+      argument="positional",
     )
   if position == "rope" and not cls.supports_rope:
     raise ConfigError(
       f"attention {name!r} does not take position='rope' (its kernel does not compare "
-      "queries with keys)."
+      "queries with keys).",
+      argument="positional",
     )
   if position == "alibi" and not cls.supports_alibi:
     from efficient_transformers.attention import registry  # Below this module otherwise.
@@ -283,10 +316,12 @@ def check_position(cls: type, position) -> None:
     takers = [n for n in registry.available() if registry.get_class(n).supports_alibi]
     raise ConfigError(
       f"attention {name!r} does not take position='alibi' (its kernel takes no additive "
-      f"bias); variants that do: {', '.join(takers)}."
+      f"bias); variants that do: {', '.join(takers)}.",
+      argument="positional",
     )
   if position == "relative" and not cls.supports_relative:
     raise ConfigError(
       f"attention {name!r} does not take position='relative' (Transformer-XL's relative "
-      "positions need the full logits); variants that do: softmax."
+      "positions need the full logits); variants that do: softmax.",
+      argument="positional",
     )

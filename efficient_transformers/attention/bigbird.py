@@ -67,7 +67,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.local import masked_exp_parts, masked_softmax, to_blocks
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
@@ -99,13 +99,15 @@ def _check_params(block_size, num_window_blocks, num_global_blocks, num_random_b
   if num_window_blocks % 2 != 1:
     raise ConfigError(
       f"attention 'bigbird': num_window_blocks={num_window_blocks} must be odd (the block "
-      "itself and as many on each side) (config.model.attention_kwargs.num_window_blocks)."
+      "itself and as many on each side).",
+      argument="attention_kwargs.num_window_blocks",
     )
   check_positive_int("bigbird", "num_global_blocks", num_global_blocks, minimum=0)
   if num_global_blocks > 2:
     raise ConfigError(
       f"attention 'bigbird': num_global_blocks={num_global_blocks} must be 0, 1 (the first "
-      "block) or 2 (the first and the last) (config.model.attention_kwargs.num_global_blocks)."
+      "block) or 2 (the first and the last).",
+      argument="attention_kwargs.num_global_blocks",
     )
   check_positive_int("bigbird", "num_random_blocks", num_random_blocks, minimum=0)
 
@@ -477,6 +479,9 @@ def bigbird_attention(
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 
+_DEFAULTS = defaults_of(bigbird_attention)
+
+
 @register("bigbird")
 class BigBirdAttention(MultiHeadAttention):
   """Multi-head BigBird (ITC) attention with a per-layer random layout (see `bigbird_attention`).
@@ -496,10 +501,10 @@ class BigBirdAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    block_size: int = 64,
-    num_window_blocks: int = 3,
-    num_global_blocks: int = 2,
-    num_random_blocks: int = 3,
+    block_size: int = _DEFAULTS.block_size,
+    num_window_blocks: int = _DEFAULTS.num_window_blocks,
+    num_global_blocks: int = _DEFAULTS.num_global_blocks,
+    num_random_blocks: int = _DEFAULTS.num_random_blocks,
     **common,
   ):
     # Fail when the model is built, not at the first traced step.

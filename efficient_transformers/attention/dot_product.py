@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.registry import register
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.layers import positions
@@ -35,7 +35,8 @@ def check_implementation(implementation: str | None) -> None:
   if implementation not in IMPLEMENTATIONS:
     raise ConfigError(
       f"attention 'dot_product': implementation={implementation!r} is not valid; "
-      f"use one of {list(IMPLEMENTATIONS)} (config.model.attention_kwargs.implementation)."
+      f"use one of {list(IMPLEMENTATIONS)}.",
+      argument="attention_kwargs.implementation",
     )
 
 
@@ -63,8 +64,9 @@ def resolve_implementation(implementation: str | None, q: jax.Array, k: jax.Arra
   if implementation == "cudnn" and _gpu_compute_capability() is None:
     raise ConfigError(
       "attention 'dot_product': implementation='cudnn' needs an NVIDIA GPU, and this run's "
-      f"backend is {jax.default_backend()}; leave config.model.attention_kwargs.implementation "
-      "unset (auto: cuDNN where it can run) or set it to 'xla'."
+      f"backend is {jax.default_backend()}; leave implementation unset (None: cuDNN where "
+      "it can run) or set it to 'xla'.",
+      argument="attention_kwargs.implementation",
     )
   if implementation is not None:
     return implementation
@@ -151,8 +153,9 @@ def dot_product_attention(
   if q_offset:
     if impl == "cudnn":
       raise ConfigError(
-        "dot_product: implementation='cudnn' takes no context before the queries "
-        "(q_offset); use implementation='xla'."
+        "attention 'dot_product': implementation='cudnn' takes no context before the queries "
+        "(q_offset); use implementation='xla'.",
+        argument="attention_kwargs.implementation",
       )
     keep = masking.logits_bias(
       mask, q_length=q_length, kv_length=kv_length, causal=causal, q_offset=q_offset
@@ -195,6 +198,9 @@ def dot_product_attention(
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 
+_DEFAULTS = defaults_of(dot_product_attention)
+
+
 @register("dot_product")
 class DotProductAttention(MultiHeadAttention):
   """Multi-head exact attention through `jax.nn.dot_product_attention` (cuDNN on GPU).
@@ -206,7 +212,7 @@ class DotProductAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    implementation: str | None = None,
+    implementation: str | None = _DEFAULTS.implementation,
     **common,
   ):
     # Fail when the model is built, not at the first traced step.

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_positive_int
@@ -161,6 +161,9 @@ def linear_attention(
   return out.astype(q.dtype)
 
 
+_DEFAULTS = defaults_of(linear_attention)
+
+
 @register("linear")
 class LinearAttention(MultiHeadAttention):
   """Multi-head linear attention (elu + 1 features), O(L) time and memory.
@@ -172,7 +175,7 @@ class LinearAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    chunk_size: int = 64,
+    chunk_size: int = _DEFAULTS.chunk_size,
     **common,
   ):
     # Fail when the model is built, not at the first traced step.

@@ -95,8 +95,9 @@ def linformer_attention(
   kv_length, max_length = k.shape[1], e.shape[-2]
   if kv_length > max_length:
     raise ConfigError(
-      f"attention 'linformer': input length {kv_length} exceeds max_length={max_length} "
-      "(config.model.attention_kwargs.max_length); raise it to at least the sequence length."
+      f"attention 'linformer': input length {kv_length} exceeds max_length={max_length}; "
+      "raise it to at least the sequence length.",
+      argument="attention_kwargs.max_length",
     )
   e, f = e[..., :kv_length, :], f[..., :kv_length, :]
   if mask is not None:

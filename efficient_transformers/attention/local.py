@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_fits_sequence, check_positive_int
@@ -189,6 +189,9 @@ def local_attention(
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 
+_DEFAULTS = defaults_of(local_attention)
+
+
 @register("local")
 class LocalAttention(MultiHeadAttention):
   """Multi-head local attention over contiguous blocks (see `local_attention`).
@@ -204,8 +207,8 @@ class LocalAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    block_size: int = 64,
-    num_neighbors: int = 1,
+    block_size: int = _DEFAULTS.block_size,
+    num_neighbors: int = _DEFAULTS.num_neighbors,
     **common,
   ):
     # Fail when the model is built, not at the first traced step.

@@ -43,6 +43,7 @@ from efficient_transformers.attention.base import (
   QKV_BIAS_AXES,
   QKV_KERNEL_AXES,
   MultiHeadAttention,
+  defaults_of,
 )
 from efficient_transformers.attention.local import (
   masked_exp_parts,
@@ -72,7 +73,8 @@ def _global_tuple(global_positions) -> tuple[int, ...]:
   ):
     raise ConfigError(
       f"attention {_NAME!r}: global_positions={global_positions!r} must be a tuple of "
-      "non-negative integers (config.model.attention_kwargs.global_positions)."
+      "non-negative integers.",
+      argument="attention_kwargs.global_positions",
     )
   return tuple(sorted({int(p) for p in values}))
 
@@ -86,7 +88,8 @@ def _check_globals_fit(positions: tuple[int, ...], length: int) -> None:
   if positions and positions[-1] >= length:
     raise ConfigError(
       f"attention {_NAME!r}: global_positions={positions} has positions >= the sequence "
-      f"length {length}; set config.model.attention_kwargs.global_positions below {length}."
+      f"length {length}; keep them below {length}.",
+      argument="attention_kwargs.global_positions",
     )
 
 
@@ -235,6 +238,9 @@ def longformer_attention(
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 
+_DEFAULTS = defaults_of(longformer_attention)
+
+
 @register(_NAME)
 class LongformerAttention(MultiHeadAttention):
   """Multi-head Longformer attention with separate global projections.
@@ -251,7 +257,13 @@ class LongformerAttention(MultiHeadAttention):
       encoder's CLS token). Empty: a plain sliding window.
   """
 
-  def __init__(self, *, window: int = 64, global_positions: Sequence[int] = (0,), **common):
+  def __init__(
+    self,
+    *,
+    window: int = _DEFAULTS.window,
+    global_positions: Sequence[int] = _DEFAULTS.global_positions,
+    **common,
+  ):
     # Fail when the model is built, not at the first traced step.
     positions = _check_params(window, global_positions)
     super().__init__(**common)

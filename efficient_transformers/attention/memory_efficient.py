@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_positive_int
 from efficient_transformers.layers import positions
@@ -267,6 +267,9 @@ def memory_efficient_attention(
   return masking.zero_padded_queries(out, mask)
 
 
+_DEFAULTS = defaults_of(memory_efficient_attention)
+
+
 @register("memory_efficient")
 class MemoryEfficientAttention(MultiHeadAttention):
   """Multi-head exact attention, chunked to O(L) memory (pure JAX, any backend).
@@ -281,8 +284,8 @@ class MemoryEfficientAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    query_chunk_size: int = 512,
-    key_chunk_size: int = 512,
+    query_chunk_size: int = _DEFAULTS.query_chunk_size,
+    key_chunk_size: int = _DEFAULTS.key_chunk_size,
     **common,
   ):
     # Fail when the model is built, not at the first traced step.

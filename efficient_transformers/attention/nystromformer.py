@@ -35,7 +35,7 @@ from flax import nnx
 from jax import lax
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_not_causal, check_positive_int
 from efficient_transformers.layers.partitioning import param_axes
@@ -168,6 +168,9 @@ def nystromformer_attention(
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 
+_DEFAULTS = defaults_of(nystromformer_attention)
+
+
 @register("nystromformer")
 class NystromformerAttention(MultiHeadAttention):
   """Multi-head Nystromformer attention.
@@ -190,8 +193,8 @@ class NystromformerAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    num_landmarks: int = 64,
-    pinv_iterations: int = 6,
+    num_landmarks: int = _DEFAULTS.num_landmarks,
+    pinv_iterations: int = _DEFAULTS.pinv_iterations,
     conv_kernel_size: int = 0,
     **common,
   ):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.linear import (
   check_positive_int,
   linear_attention_from_features,
@@ -68,8 +68,8 @@ def _check(variant_kwargs: dict) -> None:
   kernel = variant_kwargs["kernel"]
   if kernel not in KERNELS:
     raise ConfigError(
-      f"attention 'performer': kernel={kernel!r} is not one of {', '.join(KERNELS)} "
-      "(config.model.attention_kwargs.kernel)."
+      f"attention 'performer': kernel={kernel!r} is not one of {', '.join(KERNELS)}.",
+      argument="attention_kwargs.kernel",
     )
 
 
@@ -193,6 +193,9 @@ def performer_attention(
   return out.astype(q.dtype)
 
 
+_DEFAULTS = defaults_of(performer_attention, draw_random_features)
+
+
 @register("performer")
 class PerformerAttention(MultiHeadAttention):
   """Multi-head FAVOR+ attention with non-trainable random features.
@@ -208,9 +211,9 @@ class PerformerAttention(MultiHeadAttention):
     self,
     *,
     num_features: int = 256,
-    kernel: str = "softmax",
-    orthogonal: bool = True,
-    chunk_size: int = 64,
+    kernel: str = _DEFAULTS.kernel,
+    orthogonal: bool = _DEFAULTS.orthogonal,
+    chunk_size: int = _DEFAULTS.chunk_size,
     **common,
   ):
     # Fail when the model is built, not at the first traced step.

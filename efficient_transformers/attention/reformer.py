@@ -62,7 +62,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_fits_sequence, check_positive_int
@@ -81,7 +81,8 @@ def _check_params(num_hashes, num_buckets, chunk_size) -> None:
   if num_buckets % 2:
     raise ConfigError(
       f"attention 'reformer': num_buckets={num_buckets} must be even (a token's bucket is the "
-      "argmax over [xR, -xR]) (config.model.attention_kwargs.num_buckets)."
+      "argmax over [xR, -xR]).",
+      argument="attention_kwargs.num_buckets",
     )
 
 
@@ -292,6 +293,9 @@ def _hash_stream(rngs: nnx.Rngs) -> nnx.RngStream:
   return nnx.RngStream(source(), tag="dropout")
 
 
+_DEFAULTS = defaults_of(reformer_attention)
+
+
 @register("reformer")
 class ReformerAttention(MultiHeadAttention):
   """Multi-head shared-QK LSH attention (see `reformer_attention`).
@@ -309,9 +313,9 @@ class ReformerAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    num_hashes: int = 2,
-    num_buckets: int = 32,
-    chunk_size: int = 64,
+    num_hashes: int = _DEFAULTS.num_hashes,
+    num_buckets: int = _DEFAULTS.num_buckets,
+    chunk_size: int = _DEFAULTS.chunk_size,
     **common,
   ):
     # Fail when the model is built, not at the first traced step.

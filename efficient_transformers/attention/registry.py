@@ -56,8 +56,8 @@ def available(*, causal: bool | None = None) -> list[str]:
 def get_class(name: str) -> type:
   if name not in _REGISTRY:
     raise ConfigError(
-      f"Unknown attention {name!r}. Valid names: {', '.join(available())}. "
-      "Set config.model.attention (or the config arg attention=NAME) to one of them."
+      f"Unknown attention {name!r}. Valid names: {', '.join(available())}.",
+      argument="attention_name",
     )
   return _REGISTRY[name]
 
@@ -97,7 +97,8 @@ def make(
   if causal and not cls.supports_causal:
     raise ConfigError(
       f"attention {name!r} cannot be causal (causal=True: {cls.why_not_causal}); causal variants: "
-      f"{', '.join(available(causal=True))}."
+      f"{', '.join(available(causal=True))}.",
+      argument="attention_name",
     )
   allowed = variant_kwargs(name)
   common = {k: kwargs.pop(k) for k in ("dtype", "param_dtype", "position") if k in kwargs}
@@ -105,8 +106,8 @@ def make(
   if unknown:
     valid = ", ".join(sorted(allowed)) or "none"
     raise ConfigError(
-      f"attention {name!r} got unknown keyword argument(s) {unknown} "
-      f"(config.model.attention_kwargs). Valid for {name!r}: {valid}."
+      f"attention {name!r} got unknown keyword argument(s) {unknown}. Valid for {name!r}: {valid}.",
+      argument=f"attention_kwargs.{unknown[0]}",
     )
   return cls(
     in_features=in_features,

@@ -60,7 +60,7 @@ import numpy as np
 from flax import nnx
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.local import masked_softmax, to_blocks
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
@@ -85,8 +85,8 @@ def _check_params(block_size, max_length, sinkhorn_iterations, temperature) -> N
   ok = isinstance(temperature, int | float) and not isinstance(temperature, bool)
   if not ok or not math.isfinite(temperature) or temperature <= 0:
     raise ConfigError(
-      f"attention 'sinkhorn': temperature={temperature!r} must be a positive number "
-      "(config.model.attention_kwargs.temperature)."
+      f"attention 'sinkhorn': temperature={temperature!r} must be a positive number.",
+      argument="attention_kwargs.temperature",
     )
 
 
@@ -194,8 +194,9 @@ def sinkhorn_sort_matrix(
     raise ConfigError(
       f"attention 'sinkhorn': input length {k.shape[1]} needs {nb} blocks of "
       f"block_size={block_size}, but the sorting projection has max_blocks="
-      f"{sort_weights.shape[2]} = ceil(max_length / block_size); raise "
-      "config.model.attention_kwargs.max_length to at least the sequence length."
+      f"{sort_weights.shape[2]} = ceil(max_length / block_size); raise max_length to at "
+      "least the sequence length.",
+      argument="attention_kwargs.max_length",
     )
   emb = block_embeddings(k, mask=mask, causal=causal, block_size=block_size)
   log_r = jnp.einsum("bhnd,hdc->bhnc", emb, sort_weights[:, :, :nb].astype(_F32))
@@ -352,6 +353,9 @@ def sinkhorn_pattern(length: int, permutation, *, block_size: int, causal: bool)
   return own | (perm[..., blk][..., :, None] == blk[None, :])
 
 
+_DEFAULTS = defaults_of(sinkhorn_attention)
+
+
 @register("sinkhorn")
 class SinkhornAttention(MultiHeadAttention):
   """Multi-head Sparse Sinkhorn attention with a learned sorting network.
@@ -370,10 +374,10 @@ class SinkhornAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    block_size: int = 64,
+    block_size: int = _DEFAULTS.block_size,
     max_length: int = 4096,
-    sinkhorn_iterations: int = 8,
-    temperature: float = 0.75,
+    sinkhorn_iterations: int = _DEFAULTS.sinkhorn_iterations,
+    temperature: float = _DEFAULTS.temperature,
     **common,
   ):
     # Fail when the model is built, not at the first traced step.
@@ -393,8 +397,9 @@ class SinkhornAttention(MultiHeadAttention):
   def _check_length(self, length: int) -> None:
     if length > self.max_length:
       raise ConfigError(
-        f"attention 'sinkhorn': input length {length} exceeds max_length={self.max_length} "
-        "(config.model.attention_kwargs.max_length); raise it to at least the sequence length."
+        f"attention 'sinkhorn': input length {length} exceeds max_length={self.max_length}; "
+        "raise it to at least the sequence length.",
+        argument="attention_kwargs.max_length",
       )
 
   def pattern(self, length: int, permutation) -> np.ndarray:

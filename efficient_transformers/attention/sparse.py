@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention
+from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.local import (
   check_fits_sequence,
   check_positive_int,
@@ -58,8 +58,8 @@ PATTERNS = ("fixed", "strided")
 def _check_params(pattern, block_size, num_summary, stride) -> None:
   if pattern not in PATTERNS:
     raise ConfigError(
-      f"attention 'sparse': pattern={pattern!r} is not one of {list(PATTERNS)} "
-      "(config.model.attention_kwargs.pattern)."
+      f"attention 'sparse': pattern={pattern!r} is not one of {list(PATTERNS)}.",
+      argument="attention_kwargs.pattern",
     )
   check_positive_int("sparse", "block_size", block_size)
   check_positive_int("sparse", "num_summary", num_summary)
@@ -67,8 +67,8 @@ def _check_params(pattern, block_size, num_summary, stride) -> None:
     check_positive_int("sparse", "stride", stride)
   if num_summary > block_size:
     raise ConfigError(
-      f"attention 'sparse': num_summary={num_summary} must be <= block_size={block_size} "
-      "(config.model.attention_kwargs.num_summary)."
+      f"attention 'sparse': num_summary={num_summary} must be <= block_size={block_size}.",
+      argument="attention_kwargs.num_summary",
     )
 
 
@@ -255,6 +255,9 @@ def sparse_attention(
   return masking.zero_padded_queries(out[:, :q_length], mask).astype(q.dtype)
 
 
+_DEFAULTS = defaults_of(sparse_attention)
+
+
 @register("sparse")
 class SparseAttention(MultiHeadAttention):
   """Multi-head Sparse Transformer attention (see `sparse_attention`).
@@ -269,10 +272,10 @@ class SparseAttention(MultiHeadAttention):
   def __init__(
     self,
     *,
-    pattern: str = "fixed",
-    block_size: int = 50,
-    num_summary: int = 1,
-    stride: int | None = None,
+    pattern: str = _DEFAULTS.pattern,
+    block_size: int = _DEFAULTS.block_size,
+    num_summary: int = _DEFAULTS.num_summary,
+    stride: int | None = _DEFAULTS.stride,
     **common,
   ):
     # Fail when the model is built, not at the first traced step.

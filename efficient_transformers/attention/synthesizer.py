@@ -83,8 +83,9 @@ class FixedSynthesizerLogits(nnx.Variable):
 def _check_length(length: int, max_length: int) -> None:
   if length > max_length:
     raise ConfigError(
-      f"attention 'synthesizer': input length {length} exceeds max_length={max_length} "
-      "(config.model.attention_kwargs.max_length); raise it to at least the sequence length."
+      f"attention 'synthesizer': input length {length} exceeds max_length={max_length}; "
+      "raise it to at least the sequence length.",
+      argument="attention_kwargs.max_length",
     )
 
 
@@ -92,7 +93,8 @@ def _check_params(synthesizer, max_length, factor, rank, trainable_random, mix_d
   if synthesizer not in FORMS:
     raise ConfigError(
       f"attention 'synthesizer': synthesizer={synthesizer!r} is not a known form; valid: "
-      f"{', '.join(FORMS)} (config.model.attention_kwargs.synthesizer)."
+      f"{', '.join(FORMS)}.",
+      argument="attention_kwargs.synthesizer",
     )
   check_positive_int("synthesizer", "max_length", max_length)
   check_positive_int("synthesizer", "factor", factor)
@@ -100,8 +102,8 @@ def _check_params(synthesizer, max_length, factor, rank, trainable_random, mix_d
   for name, value in (("trainable_random", trainable_random), ("mix_dot_product", mix_dot_product)):
     if not isinstance(value, bool):
       raise ConfigError(
-        f"attention 'synthesizer': {name}={value!r} must be True or False "
-        f"(config.model.attention_kwargs.{name})."
+        f"attention 'synthesizer': {name}={value!r} must be True or False.",
+        argument=f"attention_kwargs.{name}",
       )
 
 

@@ -232,13 +232,12 @@ def compiled_train_memory(config: ml_collections.ConfigDict) -> dict:
   CPU backend reports less than the temporaries there.
   """
   from efficient_transformers.data import tasks
-  from efficient_transformers.training import state, train_lib
+  from efficient_transformers.training import state
 
   spec = tasks.describe(config)
-  setup = state.make_setup(config, vocab_size=spec.vocab_size, num_classes=spec.num_classes)
-  fields = train_lib.batch_fields(spec, 1, train_lib.stream_lengths(config)[0])
+  setup = state.make_setup(config, spec)
   compiled = setup.compile_train_step(
-    setup.batch_spec(fields, config.batch_size),
+    setup.abstract_batch(spec.fields, config.batch_size),
     seed=config.seed,
     grad_accum_steps=config.optimizer.grad_accum_steps,
   )

@@ -40,12 +40,13 @@ import sysconfig
 import numpy as np
 
 from efficient_transformers import interruptions, paths
+from efficient_transformers.data import pipeline
 from efficient_transformers.errors import ConfigError, DataError
 
 _log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 257  # 256 byte values + padding.
-PAD_ID = 0
+PAD_ID = pipeline.PAD_ID  # The stream batches' padding: byte b is token b + 1.
 SPLITS = ("train", "validation", "test")
 DOC_SEPARATOR = b"\x00"
 DEFAULT_FRACTIONS = (0.9, 0.05, 0.05)

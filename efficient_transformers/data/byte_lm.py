@@ -10,8 +10,8 @@ Corpora (tokens are byte + 1 in 1..256, id 0 is padding, vocabulary 257):
 - `stdlib`: built offline from the Python standard library's sources
   (`byte_corpus`), one document per file.
 
-Batches come from `StreamIterator` (training) and `StreamEvalBatches`
-(evaluation), Transformer-XL's ordered layout: the split is cut into
+Batches come from `pipeline.Streams` (`stream_train_iterator` for training,
+`stream_eval_batches` for evaluation), Transformer-XL's ordered layout: the split is cut into
 `global_batch_size` contiguous streams, and consecutive steps give each row
 consecutive segments of its stream, so a recurrent memory carried from one
 step to the next sees the text that precedes each segment. A batch is
@@ -33,13 +33,12 @@ import math
 import os
 import sys
 import zipfile
-from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
 
 from efficient_transformers import paths
-from efficient_transformers.data import base, byte_corpus
+from efficient_transformers.data import base, byte_corpus, pipeline
 from efficient_transformers.data.byte_corpus import (
   PAD_ID,
   SPLITS,
@@ -56,12 +55,11 @@ __all__ = [
   "TEXT8",
   "VOCAB_SIZE",
   "FileCorpus",
-  "StreamEvalBatches",
-  "StreamIterator",
   "bits_per_byte",
   "corpus_info",
   "load_task",
   "read_file_split",
+  "segment_lengths",
   "split_fingerprint",
   "unigram_entropy_bits",
 ]
@@ -181,176 +179,6 @@ def read_file_split(data_dir: str, corpus: FileCorpus, split: str) -> dict[str, 
   return {"tokens": byte_corpus.bytes_to_tokens(raw), "doc_start": doc_start}
 
 
-# ---------------------------------------------------------------- Stream batches.
-
-
-def _rows_of_process(global_batch_size: int, process_index: int, process_count: int) -> slice:
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ConfigError(
-      f"Need 0 <= process_index ({process_index}) < process_count ({process_count})."
-    )
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ConfigError(
-      f"The global batch size ({global_batch_size}) must be a positive multiple of the number "
-      f"of processes ({process_count}); change config.batch_size."
-    )
-  per = global_batch_size // process_count
-  return slice(process_index * per, (process_index + 1) * per)
-
-
-def _check_tokens(tokens: np.ndarray, segment_length: int) -> np.ndarray:
-  tokens = np.asarray(tokens)
-  if tokens.ndim != 1:
-    raise DataError(f"Stream batches need a 1-D token array; got shape {tokens.shape}.")
-  if segment_length < 1:
-    raise ConfigError(f"The segment length must be >= 1; got {segment_length}.")
-  return tokens
-
-
-class StreamIterator(Iterator[dict[str, np.ndarray]]):
-  """An endless, ordered iterator of training segments (Transformer-XL's layout).
-
-  With N tokens and B = global_batch_size, row r's stream is tokens
-  [r * n, (r + 1) * n), n = N // B (the last N % B tokens are never used).
-  Step t of an epoch gives row r inputs stream[t * s : (t + 1) * s] and targets
-  stream[t * s + 1 : (t + 1) * s + 1], s = segment_length, for
-  t < steps_per_epoch = (n - 1) // s; the rest of each stream (fewer than s
-  targets) is dropped, then every row wraps to its start together and the epoch
-  counter grows. `reset` is True for every row on an epoch's first step (the
-  first segment of a pass, which is also where a stream wraps), else False.
-
-  Process p of P yields rows [p * B / P, (p + 1) * B / P) of the global batch, so
-  the batches do not depend on P. `get_state()` is a small JSON-able dict;
-  `set_state(state)` resumes at the same next batch (any process count, same
-  tokens, batch size and segment length). No randomness.
-  """
-
-  def __init__(
-    self,
-    tokens: np.ndarray,
-    *,
-    global_batch_size: int,
-    segment_length: int,
-    process_index: int = 0,
-    process_count: int = 1,
-  ):
-    """Cuts `tokens` into streams; the first batch is the start of epoch 0.
-
-    Args:
-      tokens: the split's ids [N].
-      global_batch_size: rows summed over processes.
-      segment_length: tokens per row and step.
-      process_index: this process, in [0, process_count).
-      process_count: the number of data-loading processes.
-    """
-    tokens = _check_tokens(tokens, segment_length)
-    rows = _rows_of_process(global_batch_size, process_index, process_count)
-    stream_length = tokens.size // global_batch_size
-    self.steps_per_epoch = max(stream_length - 1, 0) // segment_length
-    if self.steps_per_epoch < 1:
-      raise DataError(
-        f"{tokens.size:,} tokens in {global_batch_size} streams cannot fill one segment of "
-        f"{segment_length} inputs plus a target; need at least "
-        f"{global_batch_size * (segment_length + 1):,} tokens."
-      )
-    self._rows = tokens[: global_batch_size * stream_length].reshape(global_batch_size, -1)[rows]
-    self._config = {
-      "num_tokens": int(tokens.size),
-      "global_batch_size": global_batch_size,
-      "segment_length": segment_length,
-    }
-    self._segment = segment_length
-    self._step = 0  # Within the epoch.
-    self._epoch = 0
-
-  @property
-  def epoch(self) -> int:
-    return self._epoch
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    start = self._step * self._segment
-    window = self._rows[:, start : start + self._segment + 1].astype(np.int32)
-    batch = {
-      "inputs": np.ascontiguousarray(window[:, :-1]),
-      "targets": np.ascontiguousarray(window[:, 1:]),
-      "reset": np.full(self._rows.shape[0], self._step == 0),
-    }
-    self._step += 1
-    if self._step == self.steps_per_epoch:
-      self._step, self._epoch = 0, self._epoch + 1
-    return batch
-
-  def get_state(self) -> dict[str, int]:
-    """The position of the next batch and the layout it belongs to (JSON-able ints)."""
-    return {"step": self._step, "epoch": self._epoch, **self._config}
-
-  def set_state(self, state: dict) -> None:
-    """Resumes at `state` from `get_state()` of an iterator over the same layout."""
-    mismatch = {k: (state.get(k), v) for k, v in self._config.items() if state.get(k) != v}
-    if mismatch:
-      raise DataError(
-        "The data-iterator state is from another stream layout; (saved, now): "
-        + ", ".join(f"{k}={saved!r} vs {now!r}" for k, (saved, now) in mismatch.items())
-        + ". Resume with the same data, batch size and segment length."
-      )
-    step, epoch = int(state["step"]), int(state["epoch"])
-    if not 0 <= step < self.steps_per_epoch or epoch < 0:
-      raise DataError(f"Invalid data-iterator position step={step}, epoch={epoch}.")
-    self._step, self._epoch = step, epoch
-
-
-class StreamEvalBatches:
-  """One ordered pass over a split for evaluation: every token but the first is a target
-  exactly once.
-
-  With N tokens and B = global_batch_size, row r predicts tokens
-  [1 + r * m, 1 + (r + 1) * m), m = ceil((N - 1) / B), from the inputs one
-  position earlier, in ceil(m / s) segments of s = segment_length. The last
-  row and the last segment are padded: padded inputs and targets are PAD_ID
-  (0), and a loss or bits-per-byte count must ignore targets == 0 (real
-  targets are >= 1). `reset` is True on the first step only: each row starts
-  with an empty memory (its first input has no context but itself). Every
-  process has the same number of steps, its rows of the global batch.
-  Re-iterable: each `iter()` is a fresh pass.
-  """
-
-  def __init__(
-    self,
-    tokens: np.ndarray,
-    *,
-    global_batch_size: int,
-    segment_length: int,
-    process_index: int = 0,
-    process_count: int = 1,
-  ):
-    """Lays out the pass; arguments as for `StreamIterator`."""
-    self._tokens = _check_tokens(tokens, segment_length)
-    if self._tokens.size < 2:
-      raise DataError(f"An evaluation split needs >= 2 tokens; got {self._tokens.size}.")
-    rows = _rows_of_process(global_batch_size, process_index, process_count)
-    self._row_length = -(-(self._tokens.size - 1) // global_batch_size)
-    self._segment = segment_length
-    self._row_starts = np.arange(rows.start, rows.stop, dtype=np.int64) * self._row_length
-    self.num_steps = -(-self._row_length // segment_length)
-
-  def __len__(self) -> int:
-    return self.num_steps
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    n = self._tokens.size
-    for step in range(self.num_steps):
-      offset = step * self._segment + np.arange(self._segment)  # Within each row.
-      index = self._row_starts[:, None] + offset  # Input positions [b, s].
-      valid = (offset < self._row_length) & (index + 1 < n)
-      inputs = np.where(valid, self._tokens[np.minimum(index, n - 1)], PAD_ID)
-      targets = np.where(valid, self._tokens[np.minimum(index + 1, n - 1)], PAD_ID)
-      yield {
-        "inputs": inputs.astype(np.int32),
-        "targets": targets.astype(np.int32),
-        "reset": np.full(index.shape[0], step == 0),
-      }
-
-
 # ---------------------------------------------------------------- Task.
 
 
@@ -367,12 +195,31 @@ def _corpus_args(config: ml_collections.ConfigDict) -> tuple[str, dict]:
   return corpus, {"max_bytes": config.data.max_bytes, "seed": config.data.split_seed}
 
 
+def segment_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(train, eval) tokens per row and step: a train step runs config.model.bptt_segments
+  segments of config.model.segment_length, an evaluation step one."""
+  segment = int(config.model.get("segment_length") or 0)
+  bptt = int(config.model.get("bptt_segments") or 1)
+  if segment < 1 or bptt < 1:
+    raise ConfigError(
+      f"config.model.segment_length ({segment}) and config.model.bptt_segments ({bptt}) "
+      "must be >= 1 for a language-model task."
+    )
+  return segment * bptt, segment
+
+
+def fields(length: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """The fields of one row of a stream batch of `length` tokens, as `base.TaskSpec` lists them."""
+  return {"inputs": ((length,), "int32"), "targets": ((length,), "int32"), "reset": ((), "bool")}
+
+
 def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> base.TaskData:
   """The byte-level LM task: splits of {"tokens": int16 [n], "doc_start": bool [n]}.
 
   Args:
     config: the run's config; reads data_dir, data.corpus ('stdlib', 'enwik8',
-      'text8') and, for 'stdlib', data.max_bytes and data.split_seed.
+      'text8') and, for 'stdlib', data.max_bytes and data.split_seed; the
+      segment lengths from model.segment_length and model.bptt_segments.
     generate: whether a missing stdlib corpus cache may be built (enwik8 and
       text8 must be downloaded).
 
@@ -394,7 +241,8 @@ def load_task(config: ml_collections.ConfigDict, *, generate: bool) -> base.Task
     vocab_size=VOCAB_SIZE,
     num_classes=VOCAB_SIZE,
     splits=base.LazySplits(read),
-    stream=True,
+    batching=pipeline.Streams(*segment_lengths(config)),
+    objective="next_token",
     best_metric="loss",
     best_mode="min",
   )

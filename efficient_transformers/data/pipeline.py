@@ -1,10 +1,21 @@
 """Grain input pipelines over in-memory arrays: shuffled training, one-pass evaluation.
 
-Both work on a dict of numpy arrays sharing their first dimension (e.g.
-`{"inputs": int32 [N, L], "targets": int32 [N]}`) and operate on example
-*indices*: Grain shuffles, batches and checkpoints integers, and each batch is
-then gathered with one numpy fancy-index per array, so per-batch work is
-vectorized and independent of sequence length.
+Two batchings, one kind of iterator (Grain's, checkpointable with
+`get_state()` / `set_state()`):
+
+- `Examples` (the LRA classifiers): a dict of numpy arrays sharing their first
+  dimension (e.g. `{"inputs": int32 [N, L], "targets": int32 [N]}`), batched
+  by `train_iterator` and `eval_batches`. They operate on example *indices*:
+  Grain shuffles, batches and checkpoints integers, and each batch is then
+  gathered with one numpy fancy-index per array, so per-batch work is
+  vectorized and independent of sequence length.
+- `Streams` (language modelling): one token stream per split, cut by
+  `stream_train_iterator` and `stream_eval_batches` into Transformer-XL's
+  ordered layout. Grain indexes the step; each batch is sliced from the
+  stream.
+
+A task names its batching (`TaskData.batching`); training calls its
+`train_iterator` / `eval_batches` and never asks which one it has.
 
 Multi-process semantics (the stronger of the two possible contracts): every
 process computes the same global order and global batch of indices and keeps
@@ -15,12 +26,15 @@ read with process_count=1: the global data order does not depend on how many
 processes there are. Each process gathers only its own examples.
 """
 
+import dataclasses
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
 from efficient_transformers.errors import ConfigError, DataError
+
+PAD_ID = 0  # Stream padding: never a real token, and never a real target.
 
 # Small read-ahead: batches are cheap to gather, and Grain's default (500
 # prefetched batches on 16 threads) would hold hundreds of MB of long sequences.
@@ -146,39 +160,213 @@ def eval_batches(
   return dataset.to_iter_dataset(read_options or _READ_OPTIONS)
 
 
-def task_train_iterator(
-  task,
+def _check_tokens(tokens: np.ndarray, segment_length: int) -> np.ndarray:
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1:
+    raise DataError(f"Stream batches need a 1-D token array; got shape {tokens.shape}.")
+  if segment_length < 1:
+    raise ConfigError(f"The segment length must be >= 1; got {segment_length}.")
+  return tokens
+
+
+def stream_train_iterator(
+  tokens: np.ndarray,
   *,
   global_batch_size: int,
-  seed: int,
-  sequence_length: int,
+  segment_length: int,
   process_index: int = 0,
   process_count: int = 1,
-):
-  """The training iterator a task needs: shuffled examples, or ordered stream segments.
+  read_options: grain.ReadOptions | None = None,
+) -> grain.DatasetIterator:
+  """An endless, ordered iterator of training segments (Transformer-XL's layout).
+
+  With N tokens and B = global_batch_size, row r's stream is tokens
+  [r * n, (r + 1) * n), n = N // B (the last N % B tokens are never used).
+  Step t of an epoch gives row r inputs stream[t * s : (t + 1) * s] and targets
+  stream[t * s + 1 : (t + 1) * s + 1], s = segment_length, for
+  t < (n - 1) // s steps per epoch; the rest of each stream (fewer than s
+  targets) is dropped, then every row wraps to its start together. `reset` is
+  True for every row on an epoch's first step (the first segment of a pass,
+  which is also where a stream wraps), else False: it tells a model with a
+  memory to clear it. No randomness.
+
+  Process p of P yields rows [p * B / P, (p + 1) * B / P) of the global batch, so
+  the batches do not depend on P, and a state saved with one process count
+  resumes with another.
 
   Args:
-    task: a `tasks.TaskData`.
+    tokens: the split's ids [N].
+    global_batch_size: rows summed over processes.
+    segment_length: tokens per row and step.
+    process_index: this process, in [0, process_count).
+    process_count: the number of data-loading processes.
+    read_options: Grain's threads and prefetch.
+
+  Returns:
+    A Grain iterator of {"inputs", "targets": int32 [b, segment_length],
+    "reset": bool [b]}, b = global_batch_size // process_count.
+  """
+  tokens = _check_tokens(tokens, segment_length)
+  per_process = _per_process_batch(global_batch_size, process_index, process_count)
+  stream_length = tokens.size // global_batch_size
+  steps_per_epoch = max(stream_length - 1, 0) // segment_length
+  if steps_per_epoch < 1:
+    raise DataError(
+      f"{tokens.size:,} tokens in {global_batch_size} streams cannot fill one segment of "
+      f"{segment_length} inputs plus a target; need at least "
+      f"{global_batch_size * (segment_length + 1):,} tokens."
+    )
+  lo = process_index * per_process
+  rows = tokens[: global_batch_size * stream_length].reshape(global_batch_size, -1)
+  rows = rows[lo : lo + per_process]
+
+  def segment(step: int) -> dict[str, np.ndarray]:
+    start = step * segment_length
+    window = rows[:, start : start + segment_length + 1].astype(np.int32)
+    return {
+      "inputs": np.ascontiguousarray(window[:, :-1]),
+      "targets": np.ascontiguousarray(window[:, 1:]),
+      "reset": np.full(per_process, step == 0),
+    }
+
+  dataset = grain.MapDataset.range(steps_per_epoch).map(segment).repeat()
+  return iter(dataset.to_iter_dataset(read_options or _READ_OPTIONS))
+
+
+def stream_eval_batches(
+  tokens: np.ndarray,
+  *,
+  global_batch_size: int,
+  segment_length: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  read_options: grain.ReadOptions | None = None,
+) -> grain.IterDataset:
+  """One ordered pass over a split: every token but the first is a target exactly once.
+
+  With N tokens and B = global_batch_size, row r predicts tokens
+  [1 + r * m, 1 + (r + 1) * m), m = ceil((N - 1) / B), from the inputs one
+  position earlier, in ceil(m / s) segments of s = segment_length. The last
+  row and the last segment are padded: padded inputs and targets are PAD_ID
+  (0), and a loss must ignore targets == 0 (real targets are >= 1). `reset`
+  is True on the first step only: each row starts with an empty memory. Every
+  process has the same number of steps, its rows of the global batch.
+
+  Args: as for `stream_train_iterator`.
+
+  Returns:
+    A re-iterable Grain dataset; each `iter()` is a fresh pass.
+  """
+  tokens = _check_tokens(tokens, segment_length)
+  if tokens.size < 2:
+    raise DataError(f"An evaluation split needs >= 2 tokens; got {tokens.size}.")
+  per_process = _per_process_batch(global_batch_size, process_index, process_count)
+  n = tokens.size
+  row_length = -(-(n - 1) // global_batch_size)
+  first_row = process_index * per_process
+  row_starts = np.arange(first_row, first_row + per_process, dtype=np.int64) * row_length
+
+  def make_batch(step: int) -> dict[str, np.ndarray]:
+    offset = step * segment_length + np.arange(segment_length)  # Within each row.
+    index = row_starts[:, None] + offset  # Input positions [b, s].
+    valid = (offset < row_length) & (index + 1 < n)
+    inputs = np.where(valid, tokens[np.minimum(index, n - 1)], PAD_ID)
+    targets = np.where(valid, tokens[np.minimum(index + 1, n - 1)], PAD_ID)
+    return {
+      "inputs": inputs.astype(np.int32),
+      "targets": targets.astype(np.int32),
+      "reset": np.full(per_process, step == 0),
+    }
+
+  num_steps = -(-row_length // segment_length)
+  dataset = grain.MapDataset.range(num_steps).map(make_batch)
+  return dataset.to_iter_dataset(read_options or _READ_OPTIONS)
+
+
+# ---------------------------------------------------------------- What a task hands to training.
+
+
+class Examples:
+  """The batching of example tasks: a split is {field: array [N, ...]}, examples shuffled."""
+
+  def train_iterator(
+    self, split: dict[str, np.ndarray], *, global_batch_size: int, seed: int, **processes
+  ) -> grain.DatasetIterator:
+    """`train_iterator` over the split; `processes` are process_index and process_count."""
+    return train_iterator(split, global_batch_size=global_batch_size, seed=seed, **processes)
+
+  def eval_batches(
+    self, split: dict[str, np.ndarray], *, global_batch_size: int, **processes
+  ) -> grain.IterDataset:
+    """`eval_batches` over the split: padded rows carry weight 0."""
+    return eval_batches(split, global_batch_size=global_batch_size, **processes)
+
+  def order(self, split: dict[str, np.ndarray]) -> dict:
+    """What fixes the training batches beyond the seed, batch size and data config: nothing."""
+    del split
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Streams:
+  """The batching of stream tasks: a split is {"tokens": [N], ...}, cut in order.
+
+  Attributes:
+    train_length: tokens per row and training step.
+    eval_length: tokens per row and evaluation step.
+  """
+
+  train_length: int
+  eval_length: int
+
+  def train_iterator(
+    self, split: dict[str, np.ndarray], *, global_batch_size: int, seed: int, **processes
+  ) -> grain.DatasetIterator:
+    """`stream_train_iterator` at `train_length`; the order has no randomness (seed unused)."""
+    del seed
+    return stream_train_iterator(
+      split["tokens"],
+      global_batch_size=global_batch_size,
+      segment_length=self.train_length,
+      **processes,
+    )
+
+  def eval_batches(
+    self, split: dict[str, np.ndarray], *, global_batch_size: int, **processes
+  ) -> grain.IterDataset:
+    """`stream_eval_batches` at `eval_length`."""
+    return stream_eval_batches(
+      split["tokens"],
+      global_batch_size=global_batch_size,
+      segment_length=self.eval_length,
+      **processes,
+    )
+
+  def order(self, split: dict[str, np.ndarray]) -> dict:
+    """The stream layout: a resume with another segment length or corpus size would feed
+    other batches from the same iterator position."""
+    return {"segment_length": self.train_length, "num_tokens": int(np.size(split["tokens"]))}
+
+
+EXAMPLES = Examples()
+
+
+def task_train_iterator(
+  task, *, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
+  """The training iterator of a `base.TaskData`, as its batching makes it.
+
+  Args:
+    task: a `base.TaskData`.
     global_batch_size: rows per step summed over processes.
-    seed: the example order's seed (stream tasks are ordered: unused).
-    sequence_length: tokens per row and step of a stream task (unused otherwise).
+    seed: the example order's seed.
     process_index: this process, in [0, process_count).
     process_count: the number of data-loading processes.
 
   Returns:
-    An endless iterator of per-process batches with get_state() / set_state().
+    An endless Grain iterator of per-process batches with get_state() / set_state().
   """
-  if task.stream:
-    from efficient_transformers.data.byte_lm import StreamIterator
-
-    return StreamIterator(
-      task.splits["train"]["tokens"],
-      global_batch_size=global_batch_size,
-      segment_length=sequence_length,
-      process_index=process_index,
-      process_count=process_count,
-    )
-  return train_iterator(
+  return task.batching.train_iterator(
     task.splits["train"],
     global_batch_size=global_batch_size,
     seed=seed,
@@ -188,26 +376,10 @@ def task_train_iterator(
 
 
 def task_eval_batches(
-  task,
-  split: str,
-  *,
-  global_batch_size: int,
-  sequence_length: int,
-  process_index: int = 0,
-  process_count: int = 1,
-):
-  """One pass over `split` as a task needs it (see `task_train_iterator` for the arguments)."""
-  if task.stream:
-    from efficient_transformers.data.byte_lm import StreamEvalBatches
-
-    return StreamEvalBatches(
-      task.splits[split]["tokens"],
-      global_batch_size=global_batch_size,
-      segment_length=sequence_length,
-      process_index=process_index,
-      process_count=process_count,
-    )
-  return eval_batches(
+  task, split: str, *, global_batch_size: int, process_index: int = 0, process_count: int = 1
+) -> grain.IterDataset:
+  """One pass over `split` as a task's batching makes it (arguments as `task_train_iterator`)."""
+  return task.batching.eval_batches(
     task.splits[split],
     global_batch_size=global_batch_size,
     process_index=process_index,

@@ -66,10 +66,10 @@ def load(config: ml_collections.ConfigDict, *, generate: bool = True) -> TaskDat
       "that holds (or will hold) the task's data."
     )
   task = _TASKS[config.task](config, generate=generate and config.data.get("generate", True))
-  if (task.vocab_size, task.num_classes, task.stream) != (
+  if (task.vocab_size, task.num_classes, task.objective) != (
     spec.vocab_size,
     spec.num_classes,
-    spec.stream,
+    spec.objective,
   ):  # pragma: no cover - a task module out of step with its declaration.
     raise AssertionError(f"Task {config.task!r} loaded {task} but declares {spec}.")
   return task
@@ -84,7 +84,9 @@ def describe(config: ml_collections.ConfigDict) -> TaskSpec:
 
 def _classifier_spec(name: str, vocab_size: int, num_classes: int, **inputs: int) -> TaskSpec:
   fields = {k: ((length,), "int16") for k, length in inputs.items()}
-  return TaskSpec(name, vocab_size, num_classes, {**fields, "targets": ((), "int32")})
+  fields["targets"] = ((), "int32")
+  # Evaluation batches add a weight per row: 0 for the padding of the last batch.
+  return TaskSpec(name, vocab_size, num_classes, fields, {**fields, "weight": ((), "float32")})
 
 
 def _listops_spec(config: ml_collections.ConfigDict) -> TaskSpec:
@@ -144,7 +146,17 @@ def _byte_lm_spec(config: ml_collections.ConfigDict) -> TaskSpec:
 
   corpus, _ = byte_lm._corpus_args(config)
   vocab = byte_lm.VOCAB_SIZE
-  return TaskSpec(f"byte_lm/{corpus}", vocab, vocab, {}, True, "loss", "min")
+  train, evaluation = byte_lm.segment_lengths(config)
+  return TaskSpec(
+    f"byte_lm/{corpus}",
+    vocab,
+    vocab,
+    byte_lm.fields(train),
+    byte_lm.fields(evaluation),
+    objective="next_token",
+    best_metric="loss",
+    best_mode="min",
+  )
 
 
 @register("listops", _listops_spec)

@@ -76,7 +76,8 @@ class TokenEmbedding(nnx.Module):
     length = ids.shape[1]
     if offset + length > self.max_length:
       raise ConfigError(
-        f"Sequence of length {offset + length} exceeds config.model.max_length={self.max_length}."
+        f"Sequence of length {offset + length} exceeds max_length={self.max_length}.",
+        argument="max_length",
       )
     x = self.tokens(ids)
     if self.positional == "sinusoidal":

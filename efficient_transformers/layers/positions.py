@@ -32,13 +32,17 @@ ROPE_BASE = 10_000.0
 def check_positional(value) -> None:
   """Raises ConfigError unless `value` is one of POSITIONALS."""
   if value not in POSITIONALS:
-    raise ConfigError(f"positional must be one of {', '.join(POSITIONALS)}; got {value!r}.")
+    raise ConfigError(
+      f"positional must be one of {', '.join(POSITIONALS)}; got {value!r}.", argument="positional"
+    )
 
 
 def rope_angles(positions: np.ndarray, head_dim: int, base: float = ROPE_BASE) -> np.ndarray:
   """Rotation angles [len(positions), head_dim / 2]: position p, pair i -> p * base^(-2i/d)."""
   if head_dim % 2:
-    raise ConfigError(f"rope needs an even head_dim; got {head_dim}.")
+    raise ConfigError(
+      f"rope needs an even head_dim (qkv_dim / num_heads); got {head_dim}.", argument="qkv_dim"
+    )
   inv_freq = base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
   return np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
 
@@ -86,7 +90,7 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     return [start ** (i + 1) for i in range(n)]
 
   if num_heads < 1:
-    raise ConfigError(f"alibi needs num_heads >= 1; got {num_heads}.")
+    raise ConfigError(f"alibi needs num_heads >= 1; got {num_heads}.", argument="num_heads")
   lower = 2 ** math.floor(math.log2(num_heads))
   slopes = power_of_two(lower)
   if lower < num_heads:
@@ -131,7 +135,9 @@ class AxialPositions(nnx.Module):
 
   def __init__(self, max_length: int, features: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
     if features < 2:
-      raise ConfigError(f"axial positions need features >= 2; got {features}.")
+      raise ConfigError(
+        f"axial positions need features (emb_dim) >= 2; got {features}.", argument="emb_dim"
+      )
     self.shape = axial_shape(max_length)
     init = nnx.initializers.normal(stddev=0.02)
     rows, columns = self.shape

@@ -104,11 +104,14 @@ class CompressiveMemory(TransformerXLMemory):
     check_mem_len("cmem_len", cmem_len)
     if not isinstance(compression_rate, int) or compression_rate < 1:
       raise ConfigError(
-        f"config.model.compression_rate must be an integer >= 1; got {compression_rate!r}."
+        f"memory 'compressive': compression_rate={compression_rate!r} must be an integer >= 1.",
+        argument="compression_rate",
       )
     if compression not in COMPRESSIONS:
       raise ConfigError(
-        f"config.model.compression must be one of {COMPRESSIONS}; got {compression!r}."
+        f"memory 'compressive': compression={compression!r} is not one of "
+        f"{', '.join(COMPRESSIONS)}.",
+        argument="compression",
       )
     self.cmem_len = cmem_len
     self.compression_rate = compression_rate
@@ -172,8 +175,9 @@ class CompressiveMemory(TransformerXLMemory):
     seg, c = x.shape[1], self.compression_rate
     if seg % c:
       raise ConfigError(
-        f"config.model.segment_length={seg} must be a multiple of "
-        f"config.model.compression_rate={c} (the compressive memory evicts whole chunks)."
+        f"memory 'compressive': segment_length={seg} must be a multiple of "
+        f"compression_rate={c} (the compressive memory evicts whole chunks).",
+        argument="segment_length",
       )
     memory, mask = self.prepare(x, memory, mask, reset)
     context_mask = jnp.concatenate([memory["compressed_valid"], memory["valid"]], axis=1)

@@ -42,7 +42,9 @@ def available() -> list[str]:
 
 def get_class(name: str) -> type:
   if name not in _REGISTRY:
-    raise ConfigError(f"Unknown memory {name!r}. Valid names: none, {', '.join(available())}.")
+    raise ConfigError(
+      f"Unknown memory {name!r}. Valid names: none, {', '.join(available())}.", argument="memory"
+    )
   return _REGISTRY[name]
 
 
@@ -62,7 +64,8 @@ def make(name: str, **kwargs):
   if unknown:
     raise ConfigError(
       f"memory {name!r} got unknown arguments {unknown}; it takes: "
-      f"{', '.join(sorted(allowed)) or 'none'}."
+      f"{', '.join(sorted(allowed)) or 'none'}.",
+      argument=f"memory_kwargs.{unknown[0]}",
     )
   return cls(**kwargs)
 

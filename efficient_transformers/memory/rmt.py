@@ -81,7 +81,8 @@ class RMTMemory(nnx.Module):
     del num_layers
     if not isinstance(num_memory_tokens, int) or num_memory_tokens < 0:
       raise ConfigError(
-        f"config.model.num_memory_tokens must be an integer >= 0; got {num_memory_tokens!r}."
+        f"memory 'rmt': num_memory_tokens={num_memory_tokens!r} must be an integer >= 0.",
+        argument="num_memory_tokens",
       )
     self.num_memory_tokens = num_memory_tokens
     self.features = features
@@ -98,18 +99,21 @@ class RMTMemory(nnx.Module):
     """The attention must take an additive bias (the pattern) and not be causal itself."""
     if causal:
       raise ConfigError(
-        "memory 'rmt' orders tokens by its own pattern; build its stack with causal=False."
+        "memory 'rmt' orders tokens by its own pattern; build its stack with causal=False.",
+        argument="causal",
       )
     if attention_kwargs.get("position") is not None:
       raise ConfigError(
         f"memory 'rmt' places sinusoidal positions over [read; segment; write] itself; "
-        f"attention position={attention_kwargs['position']!r} does not combine with it."
+        f"attention position={attention_kwargs['position']!r} does not combine with it.",
+        argument="positional",
       )
     takers = [n for n in attention.available() if attention.get_class(n).supports_bias]
     if not attention.get_class(attention_name).supports_bias:
       raise ConfigError(
         f"memory 'rmt' needs an attention that takes an additive bias (its read/write "
-        f"pattern); {attention_name!r} does not. Valid: {', '.join(takers)}."
+        f"pattern); {attention_name!r} does not. Valid: {', '.join(takers)}.",
+        argument="attention_name",
       )
 
   def init_memory(self, batch_size: int) -> dict:
@@ -192,7 +196,10 @@ def truncated_bptt(
   training window and allows segments of different lengths.
   """
   if bptt_segments is not None and (not isinstance(bptt_segments, int) or bptt_segments < 1):
-    raise ConfigError(f"config.model.bptt_segments must be >= 1 or None; got {bptt_segments!r}.")
+    raise ConfigError(
+      f"bptt_segments={bptt_segments!r} must be an integer >= 1 or None.",
+      argument="bptt_segments",
+    )
   results = []
   for index, segment in enumerate(segments):
     if bptt_segments is not None and index and index % bptt_segments == 0:

@@ -63,9 +63,11 @@ def push(old: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def check_mem_len(name: str, value: int) -> None:
-  """Raises ConfigError naming config.model.`name` unless `value` is an int >= 0."""
+  """Raises ConfigError naming the argument `name` unless `value` is an int >= 0."""
   if not isinstance(value, int) or value < 0:
-    raise ConfigError(f"config.model.{name} must be an integer >= 0; got {value!r}.")
+    raise ConfigError(
+      f"{name}={value!r} (memory slots per layer) must be an integer >= 0.", argument=name
+    )
 
 
 @register("transformer_xl")
@@ -100,7 +102,10 @@ class TransformerXLMemory(nnx.Module):
     del rngs, param_dtype
     check_mem_len("mem_len", mem_len)
     if num_layers < 1:
-      raise ConfigError(f"config.model.num_layers must be >= 1; got {num_layers}.")
+      raise ConfigError(
+        f"memory {type(self).registered_name!r}: num_layers={num_layers} must be >= 1.",
+        argument="num_layers",
+      )
     self.num_layers = num_layers
     self.features = features
     self.mem_len = mem_len
@@ -114,7 +119,8 @@ class TransformerXLMemory(nnx.Module):
     if not causal:
       raise ConfigError(
         f"memory {cls.registered_name!r} runs a causal stack (a segment reads its past); "
-        "set causal=True."
+        "set causal=True.",
+        argument="causal",
       )
 
   def init_memory(self, batch_size: int, *, mem_len: int | None = None) -> dict:

@@ -28,7 +28,9 @@ class _PooledEncoder(nnx.Module):
     **encoder_kwargs,
   ):
     if pooling not in POOLINGS:
-      raise ConfigError(f"config.model.pooling must be one of {POOLINGS}; got {pooling!r}.")
+      raise ConfigError(
+        f"pooling={pooling!r} is not one of {', '.join(POOLINGS)}.", argument="pooling"
+      )
     self.pooling = pooling
     self.encoder = Encoder(use_cls=pooling == "cls", rngs=rngs, **encoder_kwargs)
     self.head = ClassifierHead(

@@ -100,17 +100,22 @@ class DecoderLM(nnx.Module):
     param_dtype=jnp.float32,
   ):
     if memory not in MEMORY_KINDS:
-      raise ConfigError(f"config.model.memory must be one of {MEMORY_KINDS}; got {memory!r}.")
+      raise ConfigError(
+        f"memory={memory!r} is not one of {', '.join(MEMORY_KINDS)}.", argument="memory"
+      )
     if qkv_dim % num_heads:
       raise ConfigError(
-        f"config.model.qkv_dim={qkv_dim} must be divisible by model.num_heads={num_heads}."
+        f"qkv_dim={qkv_dim} must be divisible by num_heads={num_heads}.", argument="qkv_dim"
       )
     if not isinstance(segment_length, int) or segment_length < 1:
-      raise ConfigError(f"config.model.segment_length must be >= 1; got {segment_length!r}.")
+      raise ConfigError(
+        f"segment_length={segment_length!r} must be an integer >= 1.", argument="segment_length"
+      )
     if memory == "compressive" and compression_rate >= 1 and segment_length % compression_rate:
       raise ConfigError(
-        f"config.model.segment_length={segment_length} must be a multiple of "
-        f"config.model.compression_rate={compression_rate}."
+        f"segment_length={segment_length} must be a multiple of "
+        f"compression_rate={compression_rate}.",
+        argument="segment_length",
       )
     positional = positional or POSITIONAL[memory]
     _check_positional(memory, positional, attention_name)
@@ -213,6 +218,12 @@ class DecoderLM(nnx.Module):
       "compressive", else {}). Transformer-XL kinds stop gradients at the
       memory; RMT does not (see `run` with bptt_segments).
     """
+    if ids.shape[1] > self.segment_length:
+      # Before the embedding, whose own error would name max_length.
+      raise ConfigError(
+        f"A segment of {ids.shape[1]} tokens exceeds segment_length={self.segment_length}.",
+        argument="segment_length",
+      )
     mask = ids != 0
     x = self.embed(ids)
     if self.dtype is not None:
@@ -249,7 +260,8 @@ class DecoderLM(nnx.Module):
     seg = self.segment_length if segment_length is None else segment_length
     if ids.shape[1] % seg:
       raise ConfigError(
-        f"Sequence length {ids.shape[1]} must be a multiple of the segment length {seg}."
+        f"Sequence length {ids.shape[1]} must be a multiple of the segment length {seg}.",
+        argument="segment_length",
       )
     segments = [ids[:, i : i + seg] for i in range(0, ids.shape[1], seg)]
     if reset is not None:
@@ -289,11 +301,12 @@ def _check_positional(memory: str, positional: str, attention_name: str) -> None
   valid = MEMORY_POSITIONALS[memory]
   if positional not in valid:
     raise ConfigError(
-      f"config.model.positional={positional!r} does not work with memory={memory!r}; "
-      f"valid: {', '.join(valid)}."
+      f"positional={positional!r} does not work with memory={memory!r}; valid: {', '.join(valid)}.",
+      argument="positional",
     )
   if positional == "relative" and attention_name != "softmax":
     raise ConfigError(
-      f"config.model.positional='relative' (Transformer-XL's) needs attention 'softmax'; "
-      f"with attention {attention_name!r} use positional='rope', 'alibi' or 'none'."
+      f"positional='relative' (Transformer-XL's) needs attention 'softmax'; "
+      f"with attention {attention_name!r} use positional='rope', 'alibi' or 'none'.",
+      argument="positional",
     )

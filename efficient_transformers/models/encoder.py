@@ -53,7 +53,7 @@ class Encoder(nnx.Module):
   ):
     if qkv_dim % num_heads:
       raise ConfigError(
-        f"config.model.qkv_dim={qkv_dim} must be divisible by model.num_heads={num_heads}."
+        f"qkv_dim={qkv_dim} must be divisible by num_heads={num_heads}.", argument="qkv_dim"
       )
     self.use_cls = use_cls
     self.dtype = dtype

@@ -23,7 +23,7 @@ def pool(x: jax.Array, mask: jax.Array, how: str) -> jax.Array:
     w = mask.astype(jnp.float32)[..., None]
     mean = (x.astype(jnp.float32) * w).sum(axis=1) / jnp.maximum(w.sum(axis=1), 1.0)
     return mean.astype(x.dtype)
-  raise ConfigError(f"config.model.pooling must be one of {POOLINGS}; got {how!r}.")
+  raise ConfigError(f"pooling={how!r} is not one of {', '.join(POOLINGS)}.", argument="pooling")
 
 
 class ClassifierHead(nnx.Module):

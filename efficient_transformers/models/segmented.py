@@ -54,23 +54,28 @@ def _check_config(
 ) -> None:
   if not isinstance(segment_length, int) or segment_length <= 0:
     raise ConfigError(
-      f"config.model.segment_length must be a positive integer; got {segment_length!r}."
+      f"segment_length={segment_length!r} must be a positive integer.",
+      argument="segment_length",
     )
   if not isinstance(num_memory_tokens, int) or num_memory_tokens < 1:
     raise ConfigError(
-      f"config.model.num_memory_tokens must be an integer >= 1; got {num_memory_tokens!r}."
+      f"num_memory_tokens={num_memory_tokens!r} must be an integer >= 1.",
+      argument="num_memory_tokens",
     )
   if bptt_segments is not None and (not isinstance(bptt_segments, int) or bptt_segments < 1):
     raise ConfigError(
-      "config.model.bptt_segments must be None (backpropagate through all segments) or an "
-      f"integer >= 1; got {bptt_segments!r}."
+      f"bptt_segments={bptt_segments!r} must be None (backpropagate through all segments) "
+      "or an integer >= 1.",
+      argument="bptt_segments",
     )
   if qkv_dim % num_heads:
     raise ConfigError(
-      f"config.model.qkv_dim={qkv_dim} must be divisible by model.num_heads={num_heads}."
+      f"qkv_dim={qkv_dim} must be divisible by num_heads={num_heads}.", argument="qkv_dim"
     )
   if pooling not in POOLINGS:
-    raise ConfigError(f"config.model.pooling must be one of {POOLINGS}; got {pooling!r}.")
+    raise ConfigError(
+      f"pooling={pooling!r} is not one of {', '.join(POOLINGS)}.", argument="pooling"
+    )
 
 
 class SegmentedClassifier(nnx.Module):
@@ -218,7 +223,8 @@ class SegmentedClassifier(nnx.Module):
     batch, length = inputs.shape
     if length > self.max_length:
       raise ConfigError(
-        f"Sequence of length {length} exceeds config.model.max_length={self.max_length}."
+        f"Sequence of length {length} exceeds max_length={self.max_length}.",
+        argument="max_length",
       )
     segs = self.segments(inputs)
     real = jnp.any(segs != 0, axis=-1)  # [num_segments, batch]

@@ -190,7 +190,9 @@ class Stack(nnx.Module):
     param_dtype=jnp.float32,
   ):
     if not isinstance(num_layers, int) or num_layers < 0:
-      raise ConfigError(f"num_layers must be an integer >= 0; got {num_layers!r}.")
+      raise ConfigError(
+        f"num_layers={num_layers!r} must be an integer >= 0.", argument="num_layers"
+      )
     if memory != "none":
       recurrent.check_attention(memory, attention_name, attention_kwargs, causal=causal)
     self.share_every = layer_group_size(
@@ -370,10 +372,11 @@ def layer_group_size(
   )
   for name in ("reversible", "scan_layers"):
     if not isinstance(options[name], bool):
-      raise ConfigError(f"{name} must be True or False; got {options[name]!r}.")
+      raise ConfigError(f"{name}={options[name]!r} must be True or False.", argument=name)
   if remat_policy not in REMAT_POLICIES:
     raise ConfigError(
-      f"remat_policy={remat_policy!r} is unknown; valid: {', '.join(REMAT_POLICIES)}."
+      f"remat_policy={remat_policy!r} is unknown; valid: {', '.join(REMAT_POLICIES)}.",
+      argument="remat_policy",
     )
   if isinstance(share_layers, str) and share_layers.isdigit():
     share_layers = int(share_layers)
@@ -385,30 +388,35 @@ def layer_group_size(
     if num_layers % share_layers:
       raise ConfigError(
         f"share_layers={share_layers} (layers per shared block) must divide "
-        f"num_layers={num_layers}."
+        f"num_layers={num_layers}.",
+        argument="share_layers",
       )
     every = share_layers
   else:
     raise ConfigError(
       "share_layers must be 'none', 'all' or a positive integer N (N consecutive layers "
-      f"share one block); got {share_layers!r}."
+      f"share one block); got {share_layers!r}.",
+      argument="share_layers",
     )
   if reversible and scan_layers:
     raise ConfigError(
       "reversible=True does not combine with scan_layers=True (the reversible backward "
-      "pass runs its layers unrolled); set one of them to False."
+      "pass runs its layers unrolled); set one of them to False.",
+      argument="scan_layers",
     )
   if reversible and remat_policy != "none":
     raise ConfigError(
       f"reversible=True with remat_policy={remat_policy!r}: the reversible stack "
-      "recomputes every layer in its backward pass already; set remat_policy='none'."
+      "recomputes every layer in its backward pass already; set remat_policy='none'.",
+      argument="remat_policy",
     )
   if memory != "none":
     for name, default in _LAYER_OPTION_DEFAULTS.items():
       if options[name] != default:
         raise ConfigError(
           f"{name}={options[name]!r} does not work with memory={memory!r} (its blocks read "
-          f"a per-layer memory); leave {name}={default!r} or use memory='none'."
+          f"a per-layer memory); leave {name}={default!r} or use memory='none'.",
+          argument=name,
         )
   return every
 

@@ -88,13 +88,20 @@ def _damaged(step: int, where: str, error: "Exception | str") -> str:
   return message
 
 
+def _short(value, limit: int = 60) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _json_diffs(stored, given, prefix="") -> list[str]:
   """Every key at which two JSON values differ, in sorted key order."""
   if isinstance(stored, dict) and isinstance(given, dict):
     diffs = []
     for key in sorted(set(stored) | set(given)):
-      if key not in stored or key not in given:
-        diffs.append(f"{prefix}{key} (only in {'stored' if key in stored else 'current'})")
+      if key not in stored:
+        diffs.append(f"{prefix}{key} (only in current: {_short(given[key])})")
+      elif key not in given:
+        diffs.append(f"{prefix}{key} (only in stored: {_short(stored[key])})")
       else:
         diffs += _json_diffs(stored[key], given[key], f"{prefix}{key}.")
     return diffs

@@ -86,7 +86,12 @@ def attention_defaults(
   """
   from efficient_transformers import attention  # Registers every variant.
 
-  declared = attention.registry.variant_kwargs(name)
+  try:
+    declared = attention.registry.variant_kwargs(name)
+  except ConfigError as e:  # An unknown name, from a config file's attention= arg.
+    raise ConfigError(
+      f"{e.message} (set by config.model.attention, or the config arg attention=NAME)"
+    ) from None
   kwargs = {}
   for key, param in declared.items():
     if key in ("dtype", "param_dtype"):

@@ -9,13 +9,9 @@ from absl import logging
 from efficient_transformers import paths
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError
-from efficient_transformers.training import checkpointing, state, train_lib
+from efficient_transformers.training import checkpointing, state
 from efficient_transformers.training import workdir as workdir_lib
-from efficient_transformers.training.evaluation import (
-  evaluate,
-  evaluate_stream,
-  model_fingerprint,
-)
+from efficient_transformers.training.evaluation import evaluate, model_fingerprint
 
 
 def parse_which(value: str) -> str | int:
@@ -62,7 +58,7 @@ def evaluate_checkpoint(
   else:
     results_path = workdir / "results.json"
   spec = tasks.describe(config)
-  state.check_model_fits_task(config.model, config.task, spec.stream)
+  objective = state.make_objective(config.model, spec)  # A wrong model kind is named first.
   task = tasks.load(config, generate=False)  # A wrong data_dir is named first.
   ckpt = checkpointing.Checkpointer(
     workdir,
@@ -78,33 +74,21 @@ def evaluate_checkpoint(
     raise CheckpointError(f"{workdir} has no best checkpoint yet (no evaluation has run).")
   if jax.process_index() == 0:
     _check_writable(results_path)
-  setup = state.make_setup(config, vocab_size=spec.vocab_size, num_classes=spec.num_classes)
+  setup = state.make_setup(config, spec)
   step, params = ckpt.restore_params(setup.abstract_state["params"], which=which)
   ckpt.close()
-  _, length = train_lib.stream_lengths(config)
   batches = pipeline.task_eval_batches(
     task,
     split,
     global_batch_size=config.batch_size,
-    sequence_length=length,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  batch_spec = setup.batch_spec(train_lib.batch_fields(spec, 1, length), config.batch_size)
-  if spec.stream:
-    lengths = train_lib.eval_memory_lengths(config)
-    eval_step = setup.compile_eval_step(
-      batch_spec, memory=setup.init_memory.abstract(config.batch_size, **lengths)
-    )
-    memory = setup.init_memory(config.batch_size, **lengths)
-    metrics = evaluate_stream(eval_step, params, memory, batches, setup.batch_sharding)
-    scores = {k: metrics[k] for k in ("bits_per_byte", "loss", "accuracy")}
-    count = {"num_tokens": int(metrics["num_tokens"])}
-  else:
-    eval_step = setup.compile_eval_step(batch_spec)
-    metrics = evaluate(eval_step, params, batches, setup.batch_sharding)
-    scores = {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
-    count = {"num_examples": int(metrics["num_examples"])}
+  eval_step = setup.compile_eval_step(setup.abstract_batch(spec.eval_fields, config.batch_size))
+  carry = setup.init_carry(config.batch_size, training=False)
+  metrics = evaluate(eval_step, params, carry, batches, setup.batch_sharding, objective)
+  count = {objective.count_name: int(metrics.pop(objective.count_name))}
+  scores = metrics
   results = {
     "task": config.task,
     "attention": config.model.get("attention"),

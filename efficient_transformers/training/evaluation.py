@@ -1,6 +1,5 @@
 """Evaluation over a whole split, and what identifies a model for checkpoints."""
 
-import math
 from collections.abc import Callable, Iterable
 
 import jax
@@ -13,70 +12,34 @@ from efficient_transformers.training import sharding
 def evaluate(
   compiled_eval_step: Callable,
   params: dict,
+  carry,
   batches: Iterable[dict[str, np.ndarray]],
   batch_sharding,
+  objective,
   *,
   max_batches: int = -1,
 ) -> dict[str, float]:
-  """Weighted loss and accuracy over `batches` (padding examples carry weight 0).
+  """The objective's metrics over `batches`, in order, the carry passed from batch to batch.
 
-  Every process iterates the same number of batches (the pipeline pads), so
-  the SPMD eval step never waits on a process that ran out of data.
+  `carry` is the empty carry to start from (None for classifiers; a language
+  model's evaluation memory, whose length may exceed the training one); it is
+  consumed. Padding (weight-0 rows, target-0 tokens) counts nowhere. Every
+  process iterates the same number of batches (the pipelines pad), so the SPMD
+  eval step never waits on a process that ran out of data.
   """
   totals = None
   for i, local in enumerate(batches):
     if 0 <= max_batches <= i:
       break
-    sums = compiled_eval_step(params, sharding.global_batch(local, batch_sharding))
+    sums, carry = compiled_eval_step(params, carry, sharding.global_batch(local, batch_sharding))
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  if totals is None:
-    return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0.0}
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  return {
-    "loss": float(totals["loss_sum"]) / count,
-    "accuracy": float(totals["correct_sum"]) / count,
-    "num_examples": float(totals["count"]),
-  }
-
-
-def evaluate_stream(
-  compiled_eval_step: Callable,
-  params: dict,
-  memory: dict,
-  batches: Iterable[dict[str, np.ndarray]],
-  batch_sharding,
-  *,
-  max_batches: int = -1,
-) -> dict[str, float]:
-  """Next-token loss over an ordered stream, the memory carried from batch to batch.
-
-  `memory` is the empty memory to start from (its length may exceed the
-  training one); it is consumed. Returns loss (nats per token), accuracy,
-  bits_per_byte (= loss / ln 2: one token is one byte) and num_tokens.
-  """
-  totals = None
-  for i, local in enumerate(batches):
-    if 0 <= max_batches <= i:
-      break
-    sums, memory = compiled_eval_step(params, memory, sharding.global_batch(local, batch_sharding))
-    totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  if totals is None:
-    return {"loss": float("nan"), "accuracy": float("nan"), "bits_per_byte": float("nan")}
-  totals = jax.device_get(totals)
-  count = max(float(totals["count"]), 1.0)
-  loss = float(totals["loss_sum"]) / count
-  return {
-    "loss": loss,
-    "accuracy": float(totals["correct_sum"]) / count,
-    "bits_per_byte": loss / math.log(2),
-    "num_tokens": float(totals["count"]),
-  }
+  return objective.summarize(totals)
 
 
 # config.model keys that change no parameter: dropout, the compute dtype, the
 # attention's kwargs (kernel choice, chunk sizes, hash rounds), the evaluation
-# memory length, gradient truncation and rematerialization.
+# memory length, gradient truncation and rematerialization (the segmented
+# classifier's `remat`, the stack's `remat_policy`).
 _NOT_IN_FINGERPRINT = (
   "dropout_rate",
   "attention_dropout_rate",
@@ -85,7 +48,11 @@ _NOT_IN_FINGERPRINT = (
   "eval_mem_len",
   "bptt_segments",
   "remat",
+  "remat_policy",
 )
+
+
+STATE_LAYOUT = 2
 
 
 def model_fingerprint(config: ml_collections.ConfigDict, task) -> dict:
@@ -101,6 +68,10 @@ def model_fingerprint(config: ml_collections.ConfigDict, task) -> dict:
   # checkpointer compares separately.
   model = {k: v for k, v in config.model.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
   return {
+    # What the train state holds: 2 = params, opt_state, step and, for models
+    # with a memory, "carry" (until 2026-12 "memory"). Older checkpoints are
+    # refused with this key named, not with a list of missing arrays.
+    "state_layout": STATE_LAYOUT,
     "task": config.task,
     "model": model,
     "vocab_size": int(task.vocab_size),

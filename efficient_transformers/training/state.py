@@ -17,13 +17,48 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from efficient_transformers import models
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.training import optimizers, sharding, steps
+from efficient_transformers.training import objectives, optimizers, sharding, steps
 
 
 def build_model(
   model_cfg: ml_collections.ConfigDict, *, vocab_size: int, num_classes: int, rngs: nnx.Rngs
 ) -> nnx.Module:
-  """The model named by `config.model.kind` (a key of `models.MODELS`), built from config.model."""
+  """The model named by `config.model.kind` (a key of `models.MODELS`), built from config.model.
+
+  The library's ConfigErrors name the constructor argument at fault; they are
+  re-raised naming the config key that set it (`config_key_error`).
+  """
+  with naming_config_keys():
+    return _build_model(model_cfg, vocab_size=vocab_size, num_classes=num_classes, rngs=rngs)
+
+
+@contextlib.contextmanager
+def naming_config_keys():
+  """Re-raises a library ConfigError that names its argument (e.g. one raised while a step
+  is traced: a sequence longer than a variant's max_length) naming the config key instead."""
+  try:
+    yield
+  except ConfigError as e:
+    if e.argument is None:
+      raise
+    raise config_key_error(e) from None
+
+
+def config_key_error(error: ConfigError) -> ConfigError:
+  """`error` (its `argument` set) re-worded to end with the config key that set the argument.
+
+  The key is `config.model.<argument>`, `_RENAMED` applied: "... (set by
+  config.model.attention_kwargs.kernel)". Errors raised when a step is traced
+  (a sequence longer than a variant's max_length) can be mapped with it too.
+  """
+  head, dot, rest = error.argument.partition(".")
+  key = _RENAMED.get(head, head) + dot + rest
+  return ConfigError(f"{error.message} (set by config.model.{key})")
+
+
+def _build_model(
+  model_cfg: ml_collections.ConfigDict, *, vocab_size: int, num_classes: int, rngs: nnx.Rngs
+) -> nnx.Module:
   if model_cfg.kind not in models.MODELS:
     raise ConfigError(
       f"config.model.kind={model_cfg.kind!r} is unknown; valid: {', '.join(models.MODELS)}."
@@ -100,33 +135,37 @@ def _declared_kwargs(cls, model_cfg: ml_collections.ConfigDict) -> dict:
   return out
 
 
-def is_recurrent(model_cfg: ml_collections.ConfigDict) -> bool:
-  """Whether the model carries a memory between steps (its state then holds it)."""
-  return hasattr(models.MODELS.get(model_cfg.kind), "init_memory")
+def make_objective(model_cfg: ml_collections.ConfigDict, task):
+  """The task's objective (`objectives.py`) for config.model, or a ConfigError when the model
+  kind cannot serve it (a classifier on a language-model task, or the reverse).
 
-
-def check_model_fits_task(model_cfg: ml_collections.ConfigDict, task_name: str, stream: bool):
-  """A clear error for a model kind that cannot read the task's batches."""
+  Args:
+    model_cfg: config.model.
+    task: a `TaskSpec` or `TaskData` (its name and objective are read).
+  """
   if model_cfg.kind not in models.MODELS:
     raise ConfigError(
       f"config.model.kind={model_cfg.kind!r} is unknown; valid: {', '.join(models.MODELS)}."
     )
-  if stream != is_recurrent(model_cfg):
+  cls = models.MODELS[model_cfg.kind]
+  objective = objectives.make(task.objective, cls, model_cfg, task.name)
+  fields = set(task.fields)
+  if not set(objective.input_names) <= fields:
     raise ConfigError(
-      f"config.model.kind={model_cfg.kind!r} does not fit task {task_name!r}: a "
-      "language-model task needs a model with a memory interface (kind='decoder_lm'), a "
-      "classification task a classifier."
+      f"config.model.kind={model_cfg.kind!r} reads {list(objective.input_names)}, but task "
+      f"{task.name!r} provides {sorted(fields)}."
     )
+  return objective
 
 
 @dataclasses.dataclass
 class TrainSetup:
-  """Everything static about a run: mesh, model structure, optimizer, shardings."""
+  """Everything static about a run: mesh, model structure, objective, optimizer, shardings."""
 
   mesh: Mesh
   graphdef: nnx.GraphDef
   rest: nnx.State  # Non-parameter model state (dropout RNG streams).
-  input_names: tuple[str, ...]
+  objective: object  # The task's objective (objectives.py), checked against the model.
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   abstract_state: dict  # ShapeDtypeStructs carrying their shardings.
@@ -135,10 +174,12 @@ class TrainSetup:
   init_params: Callable[[], dict]  # Creates the params already sharded.
   num_params: int
   rules: tuple
-  # Recurrent models: (global batch size, memory kwargs) -> empty memory, sharded on
-  # the batch axis; None for models without memory.
-  init_memory: "_MemoryInitializer | None" = None
-  bptt_segments: int = 1
+  carry: "_CarryInitializer"  # The objective's carry, sharded on its batch axis.
+
+  @property
+  def input_names(self) -> tuple[str, ...]:
+    """The batch fields the model reads."""
+    return self.objective.input_names
 
   def context(self):
     """The mesh and logical-axis rules that activation constraints resolve against."""
@@ -153,65 +194,57 @@ class TrainSetup:
       for k, v in arrays.items()
     }
 
+  def abstract_batch(self, fields: dict, global_batch_size: int) -> dict:
+    """Abstract global batch for a task's declared fields (`TaskSpec.fields` / `eval_fields`:
+    name -> (shape of one row, dtype)), sharded on the batch axis."""
+    return {
+      k: jax.ShapeDtypeStruct(
+        (global_batch_size, *shape), jnp.dtype(dtype), sharding=self.batch_sharding
+      )
+      for k, (shape, dtype) in fields.items()
+    }
+
+  def init_carry(self, batch_size: int, *, training: bool = True):
+    """The objective's empty carry for `batch_size` rows, placed on the mesh (None if none)."""
+    return zeros_like_abstract(self.carry.abstract(batch_size, training=training))
+
   def compile_train_step(self, batch_spec: dict, *, seed: int, grad_accum_steps: int = 1):
     """The train step compiled ahead of time, state donated: (state, batch) -> (state, metrics)."""
-    if self.init_memory is not None:
-      if grad_accum_steps != 1:
-        raise ConfigError(
-          "config.optimizer.grad_accum_steps must be 1 for a recurrent-memory model: its "
-          "memory rows follow the batch rows from step to step."
-        )
-      fn = steps.make_recurrent_train_step(
-        graphdef=self.graphdef,
-        rest=self.rest,
-        tx=self.tx,
-        schedule=self.schedule,
-        seed=seed,
-        bptt_segments=self.bptt_segments,
+    if grad_accum_steps != 1 and "carry" in self.abstract_state:
+      raise ConfigError(
+        "config.optimizer.grad_accum_steps must be 1 for a model with a recurrent memory: "
+        "its memory rows follow the batch rows from step to step."
       )
-    else:
-      fn = steps.make_train_step(
-        graphdef=self.graphdef,
-        rest=self.rest,
-        tx=self.tx,
-        schedule=self.schedule,
-        input_names=self.input_names,
-        seed=seed,
-        grad_accum_steps=grad_accum_steps,
-      )
-    with self.context():
+    fn = steps.make_train_step(
+      graphdef=self.graphdef,
+      rest=self.rest,
+      tx=self.tx,
+      schedule=self.schedule,
+      objective=self.objective,
+      seed=seed,
+      grad_accum_steps=grad_accum_steps,
+    )
+    with self.context(), naming_config_keys():
       return (
         jax.jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
         .lower(self.abstract_state, batch_spec)
         .compile()
       )
 
-  def compile_eval_step(self, batch_spec: dict, memory: dict | None = None):
-    """The eval step compiled for batches shaped like `batch_spec`.
-
-    Classifiers: (params, batch with a weight field) -> sums. Recurrent models:
-    (params, memory, batch) -> (sums, memory), for a memory shaped like `memory`.
+  def compile_eval_step(self, batch_spec: dict):
+    """The eval step compiled for batches shaped like `batch_spec`:
+    (params, carry, batch) -> (sums, carry), the carry (None, or the evaluation memory) donated.
     """
-    if self.init_memory is not None:
-      fn = steps.make_recurrent_eval_step(graphdef=self.graphdef, rest=self.rest)
-      abstract_memory = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), memory
+    batch_size = next(iter(batch_spec.values())).shape[0]
+    carry = self.carry.abstract(batch_size, training=False)
+    carry_shardings = jax.tree.map(lambda x: x.sharding, carry)
+    fn = steps.make_eval_step(graphdef=self.graphdef, rest=self.rest, objective=self.objective)
+    with self.context(), naming_config_keys():
+      return (
+        jax.jit(fn, donate_argnums=1, out_shardings=(None, carry_shardings))
+        .lower(self.abstract_state["params"], carry, batch_spec)
+        .compile()
       )
-      memory_shardings = jax.tree.map(lambda x: x.sharding, abstract_memory)
-      with self.context():
-        return (
-          jax.jit(fn, donate_argnums=1, out_shardings=(None, memory_shardings))
-          .lower(self.abstract_state["params"], abstract_memory, batch_spec)
-          .compile()
-        )
-    spec = dict(batch_spec)
-    first = next(iter(batch_spec.values()))
-    spec["weight"] = jax.ShapeDtypeStruct(
-      first.shape[:1], jnp.float32, sharding=self.batch_sharding
-    )
-    fn = steps.make_eval_step(graphdef=self.graphdef, rest=self.rest, input_names=self.input_names)
-    with self.context():
-      return jax.jit(fn).lower(self.abstract_state["params"], spec).compile()
 
 
 class _Context:
@@ -229,21 +262,24 @@ class _Context:
 
 
 def make_setup(
-  config: ml_collections.ConfigDict,
-  *,
-  vocab_size: int,
-  num_classes: int,
-  devices: list | None = None,
+  config: ml_collections.ConfigDict, task, *, devices: list | None = None
 ) -> TrainSetup:
-  """Resolves the mesh (over `devices`, default all) and the sharded abstract train state."""
+  """Resolves the mesh (over `devices`, default all) and the sharded abstract train state.
+
+  Args:
+    config: the run's config.
+    task: the task's `TaskSpec` (or `TaskData`): vocabulary, classes, objective.
+    devices: the devices of the mesh; default all.
+  """
+  objective = make_objective(config.model, task)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = tuple(config.sharding_rules)
 
   def create():
     return build_model(
       config.model,
-      vocab_size=vocab_size,
-      num_classes=num_classes,
+      vocab_size=task.vocab_size,
+      num_classes=task.num_classes,
       rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
     )
 
@@ -280,13 +316,12 @@ def make_setup(
     "opt_state": abs_opt,
     "step": jax.ShapeDtypeStruct((), jnp.int32),
   }
-  init_memory = None
-  if hasattr(abstract_model, "init_memory"):
-    batch_axes = sharding.batch_sharding(mesh, rules).spec[0]
-    init_memory = _MemoryInitializer(abstract_model, mesh, batch_axes)
-    memory = init_memory.abstract(config.batch_size)
-    state_shardings["memory"] = jax.tree.map(lambda x: x.sharding, memory)
-    abstract["memory"] = memory
+  batch_axes = sharding.batch_sharding(mesh, rules).spec[0]
+  carry = _CarryInitializer(abstract_model, objective, mesh, batch_axes)
+  train_carry = carry.abstract(config.batch_size, training=True)
+  if train_carry is not None:  # Classifiers carry nothing: their state has no entry.
+    state_shardings["carry"] = jax.tree.map(lambda x: x.sharding, train_carry)
+    abstract["carry"] = train_carry
   abstract_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_shardings
   )
@@ -295,7 +330,7 @@ def make_setup(
     mesh=mesh,
     graphdef=graphdef,
     rest=rest,
-    input_names=tuple(type(abstract_model).input_names),
+    objective=objective,
     tx=tx,
     schedule=schedule,
     abstract_state=abstract_state,
@@ -304,27 +339,28 @@ def make_setup(
     init_params=init_params,
     num_params=num_params,
     rules=rules,
-    init_memory=init_memory,
-    bptt_segments=int(config.model.get("bptt_segments") or 1),
+    carry=carry,
   )
 
 
-class _MemoryInitializer:
-  """Makes a recurrent model's empty memory, sharded like the batch on its batch axis.
+class _CarryInitializer:
+  """Makes an objective's empty carry, sharded like the batch on its batch axis.
 
-  The batch axis of each memory entry is found by shape (the axis that grows
+  The batch axis of each carry entry is found by shape (the axis that grows
   with the batch size), so a memory layout needs no declaration here.
   """
 
-  def __init__(self, abstract_model, mesh: Mesh, batch_axes):
+  def __init__(self, abstract_model, objective, mesh: Mesh, batch_axes):
     self._model = abstract_model
+    self._objective = objective
     self._mesh = mesh
     self._batch_axes = batch_axes  # The mesh axes of the batch dimension.
 
-  def abstract(self, batch_size: int, **lengths) -> dict:
-    """ShapeDtypeStructs of the memory, with their shardings."""
-    memory = jax.eval_shape(lambda: self._model.init_memory(batch_size, **lengths))
-    bigger = jax.eval_shape(lambda: self._model.init_memory(batch_size + 1, **lengths))
+  def abstract(self, batch_size: int, *, training: bool):
+    """ShapeDtypeStructs of the carry, with their shardings (None without a carry)."""
+    make = lambda b: self._objective.init_carry(self._model, b, training=training)
+    carry = jax.eval_shape(lambda: make(batch_size))
+    bigger = jax.eval_shape(lambda: make(batch_size + 1))
 
     def with_sharding(x, y):
       spec = [None] * x.ndim
@@ -336,11 +372,7 @@ class _MemoryInitializer:
         x.shape, x.dtype, sharding=NamedSharding(self._mesh, PartitionSpec(*spec))
       )
 
-    return jax.tree.map(with_sharding, memory, bigger)
-
-  def __call__(self, batch_size: int, **lengths) -> dict:
-    """The empty memory (zeros; validity flags False), placed on the mesh."""
-    return zeros_like_abstract(self.abstract(batch_size, **lengths))
+    return jax.tree.map(with_sharding, carry, bigger)
 
 
 def zeros_like_abstract(tree):
@@ -362,6 +394,6 @@ def init_state(setup: TrainSetup, params: dict | None = None) -> dict:
   opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), setup.state_shardings["step"])
   state = {"params": params, "opt_state": opt_state, "step": step}
-  if setup.init_memory is not None:
-    state["memory"] = zeros_like_abstract(setup.abstract_state["memory"])
+  if "carry" in setup.abstract_state:
+    state["carry"] = zeros_like_abstract(setup.abstract_state["carry"])
   return state

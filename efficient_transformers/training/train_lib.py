@@ -26,11 +26,7 @@ from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError, ConfigError, UserError
 from efficient_transformers.training import checkpointing, optimizers, sharding, state
 from efficient_transformers.training import workdir as workdir_lib
-from efficient_transformers.training.evaluation import (
-  evaluate,
-  evaluate_stream,
-  model_fingerprint,
-)
+from efficient_transformers.training.evaluation import evaluate, model_fingerprint
 from efficient_transformers.training.metrics import MetricWriter
 
 # config.data keys that change how data is read, not which batches are made.
@@ -126,72 +122,24 @@ def _check_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
       )
 
 
-def stream_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """(train, eval) tokens per row and step of a stream task: the train step runs
-  config.model.bptt_segments segments of config.model.segment_length, evaluation one."""
-  segment = config.model.get("segment_length") or 0
-  return segment * int(config.model.get("bptt_segments") or 1), segment
-
-
-def eval_memory_lengths(config: ml_collections.ConfigDict) -> dict:
-  """Memory sizes for evaluation: config.model.eval_mem_len (> 0) overrides mem_len."""
-  eval_mem_len = config.model.get("eval_mem_len", 0)
-  return {"mem_len": eval_mem_len} if eval_mem_len and eval_mem_len > 0 else {}
-
-
-def batch_fields(task: tasks.TaskSpec, rows: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """Shapes and dtypes of `rows` rows of a task's batches (for the abstract batch).
-
-  Example tasks: the fields the task declares. Stream tasks: `length` tokens per row.
-  """
-  if not task.stream:
-    return {
-      k: jax.ShapeDtypeStruct((rows, *shape), np.dtype(dtype))
-      for k, (shape, dtype) in task.fields.items()
-    }
-  return {
-    "inputs": jax.ShapeDtypeStruct((rows, length), np.int32),
-    "targets": jax.ShapeDtypeStruct((rows, length), np.int32),
-    "reset": jax.ShapeDtypeStruct((rows,), np.bool_),
-  }
-
-
 def _build(config: ml_collections.ConfigDict, spec: tasks.TaskSpec):
-  """The setup and the compiled steps of a run, from the config and the task's declaration."""
-  state.check_model_fits_task(config.model, config.task, spec.stream)
-  setup = state.make_setup(config, vocab_size=spec.vocab_size, num_classes=spec.num_classes)
+  """The setup of a run (mesh, model, objective, shardings), from the config and the task."""
+  setup = state.make_setup(config, spec)
   _check_layout(config, setup.mesh)
-  fields = set(batch_fields(spec, 1, stream_lengths(config)[0]))
-  if not set(setup.input_names) <= fields:
-    raise ConfigError(
-      f"config.model.kind={config.model.kind!r} reads {list(setup.input_names)}, but task "
-      f"{config.task!r} provides {sorted(fields)}."
-    )
   return setup
 
 
 def _compile_train_step(config: ml_collections.ConfigDict, spec: tasks.TaskSpec, setup):
-  batch_spec = setup.batch_spec(batch_fields(spec, 1, stream_lengths(config)[0]), config.batch_size)
+  batch_spec = setup.abstract_batch(spec.fields, config.batch_size)
   return setup.compile_train_step(
     batch_spec, seed=config.seed, grad_accum_steps=config.optimizer.grad_accum_steps
   )
 
 
 def _compile(config: ml_collections.ConfigDict, spec: tasks.TaskSpec, setup: state.TrainSetup):
-  """(compiled train step, compiled eval step, eval memory lengths) for the config's shapes."""
-  train_length, eval_length = stream_lengths(config)
-  batch_spec = setup.batch_spec(batch_fields(spec, 1, train_length), config.batch_size)
-  compiled_train_step = _compile_train_step(config, spec, setup)
-  eval_memory = {}
-  if spec.stream:
-    eval_spec = setup.batch_spec(batch_fields(spec, 1, eval_length), config.batch_size)
-    eval_memory = eval_memory_lengths(config)
-    eval_step = setup.compile_eval_step(
-      eval_spec, memory=setup.init_memory.abstract(config.batch_size, **eval_memory)
-    )
-  else:
-    eval_step = setup.compile_eval_step(batch_spec)
-  return compiled_train_step, eval_step, eval_memory
+  """(compiled train step, compiled eval step) for the config's shapes."""
+  eval_step = setup.compile_eval_step(setup.abstract_batch(spec.eval_fields, config.batch_size))
+  return _compile_train_step(config, spec, setup), eval_step
 
 
 def _cost(compiled) -> dict:
@@ -316,12 +264,10 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
     multihost_utils.sync_global_devices("data ready")
   if process_index != 0:
     task = tasks.load(config)
-  train_length, eval_length = stream_lengths(config)
   train_iter = pipeline.task_train_iterator(
     task,
     global_batch_size=config.batch_size,
     seed=config.seed,
-    sequence_length=train_length,
     process_index=process_index,
     process_count=process_count,
   )
@@ -333,7 +279,6 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
       task,
       "validation",
       global_batch_size=config.batch_size,
-      sequence_length=eval_length,
       process_index=process_index,
       process_count=process_count,
     )
@@ -367,6 +312,8 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
     "process_count": process_count,
     # How the data is read (workers, caching) does not change the batches.
     "data": {k: v for k, v in config.data.to_dict().items() if k not in _READ_ONLY_DATA_KEYS},
+    # And what the task's batching adds (a stream's segment length and size).
+    **task.batching.order(task.splits["train"]),
   }
   if ckpt.latest_step() is not None:
     step, train_state, data_state = ckpt.restore(setup.abstract_state, which="latest")
@@ -404,7 +351,7 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
       paths.write_text(workdir / "config.json", text)
 
   # ---------------------------------------------------------------- Update step (compiled AOT).
-  compiled_train_step, eval_step, eval_memory = _compile(config, spec, setup)
+  compiled_train_step, eval_step = _compile(config, spec, setup)
   memory = compiled_train_step.memory_analysis()
   if memory is not None:
     logging.info(
@@ -479,23 +426,15 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
     is_last = step == config.num_train_steps
     t_pause = time.perf_counter()
     if step % config.eval_every_steps == 0 or is_last:
-      if spec.stream:
-        last_eval = evaluate_stream(
-          eval_step,
-          train_state["params"],
-          setup.init_memory(config.batch_size, **eval_memory),
-          validation_batches(),
-          setup.batch_sharding,
-          max_batches=config.num_eval_batches,
-        )
-      else:
-        last_eval = evaluate(
-          eval_step,
-          train_state["params"],
-          validation_batches(),
-          setup.batch_sharding,
-          max_batches=config.num_eval_batches,
-        )
+      last_eval = evaluate(
+        eval_step,
+        train_state["params"],
+        setup.init_carry(config.batch_size, training=False),
+        validation_batches(),
+        setup.batch_sharding,
+        setup.objective,
+        max_batches=config.num_eval_batches,
+      )
       last_eval_step = step
       with paths.writing(workdir, then=resume_hint):
         writer.write(step, "validation", last_eval)

@@ -64,13 +64,11 @@ def _train_listops(config, steps: int, budget: Budget, row: dict) -> dict:
   t0 = time.perf_counter()
   task = tasks.load(config)
   train_iter = pipeline.task_train_iterator(
-    task, global_batch_size=config.batch_size, seed=config.seed, sequence_length=0
+    task, global_batch_size=config.batch_size, seed=config.seed
   )
   row["data_s"] = time.perf_counter() - t0
   # One device: the MFU below is per chip, like every other number here.
-  setup = state.make_setup(
-    config, vocab_size=task.vocab_size, num_classes=task.num_classes, devices=jax.devices()[:1]
-  )
+  setup = state.make_setup(config, tasks.describe(config), devices=jax.devices()[:1])
   t0 = time.perf_counter()
   spec = setup.batch_spec(task.splits["train"], config.batch_size)
   step_fn = setup.compile_train_step(
