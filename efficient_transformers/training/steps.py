@@ -138,4 +138,3 @@ def make_eval_step(*, graphdef: nnx.GraphDef, rest: nnx.State, objective) -> Cal
     return sums, carry
 
   return eval_step
-
