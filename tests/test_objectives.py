@@ -134,3 +134,20 @@ def test_the_saved_data_order_names_the_stream_layout(tmp_path):
   assert order["segment_length"] == config.model.segment_length
   assert order["num_tokens"] == task.splits["train"]["tokens"].size
   json.dumps(order)  # Saved as JSON with the checkpoint.
+
+
+@pytest.mark.parametrize(
+  ("key", "value", "same"),
+  [
+    ("remat_policy", "dots_saveable", True),  # Rematerialization changes no parameter.
+    ("dropout_rate", 0.3, True),
+    ("scan_layers", True, False),  # Stacked parameters: another layout.
+    ("share_layers", "all", False),
+  ],
+)
+def test_the_fingerprint_ignores_only_what_changes_no_parameter(tmp_path, key, value, same):
+  config = tiny_config(tmp_path)
+  spec = tasks.describe(config)
+  before = model_fingerprint(config, spec)
+  config.model[key] = value
+  assert (model_fingerprint(config, spec) == before) is same

@@ -321,7 +321,7 @@ def _unshared(model_cfg):
   return cfg
 
 
-def test_benchmark_writes_its_tables_to_a_relative_out(tmp_path, monkeypatch):
+def test_benchmark_writes_its_tables_to_a_relative_out(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   flags = [
     "--reversible_layers=1,2",
@@ -334,9 +334,23 @@ def test_benchmark_writes_its_tables_to_a_relative_out(tmp_path, monkeypatch):
   ]
   assert bench.main([*flags, "--out=rel/out", "--dry_run"]) == 0
   assert not any((tmp_path / "rel" / "out").glob("*.md"))
+  capsys.readouterr()
   assert bench.main([*flags, "--out=rel/out"]) == 0
-  for name in ("stack_options_reversible", "stack_options_scan"):
+  printed = capsys.readouterr().out
+  tables = {
+    "stack_options_reversible": bench.REVERSIBLE_CSV_KEYS,
+    "stack_options_scan": bench.SCAN_CSV_KEYS,
+  }
+  for name, keys in tables.items():
     text = (tmp_path / "rel" / "out" / f"{name}.md").read_text()
-    assert "| 2 |" in text and "jax " in text
-    assert (tmp_path / "rel" / "out" / f"{name}.csv").read_text().count("\n") >= 3
+    assert "| 2 |" in text and "jax " in text and text.strip() in printed
+    csv_lines = (tmp_path / "rel" / "out" / f"{name}.csv").read_text().splitlines()
+    assert csv_lines[0] == ",".join(keys) and len(csv_lines) == 3
   assert bench.main([*flags, "--scan_layers=0"]) == 2
+  assert capsys.readouterr().err.startswith("error: --scan_layers=")
+  (tmp_path / "file").write_text("")
+  assert bench.main([*flags, "--out=file/out", "--dry_run"]) == 2
+  assert capsys.readouterr().err == (
+    f"error: --out={tmp_path / 'file' / 'out'} is inside a file, not a directory: "
+    "use a directory path.\n"
+  )

@@ -20,7 +20,6 @@ against length.
 """
 
 import argparse
-import csv
 import io
 import statistics
 import sys
@@ -34,7 +33,8 @@ import optax
 from flax import nnx
 
 from efficient_transformers import attention, paths
-from efficient_transformers.errors import ConfigError, UserError
+from efficient_transformers.benchmarks import report
+from efficient_transformers.errors import UserError
 from efficient_transformers.models import EncoderClassifier
 
 # LRA's byte-level Text model (LRA_REFERENCE.md, Table 2 protocol).
@@ -172,28 +172,25 @@ def with_ratios(rows: list[dict]) -> list[dict]:
   return rows
 
 
+# (key, column title, format) of the markdown table; the CSV holds CSV_KEYS.
+COLUMNS = (
+  ("attention", "attention", "s"),
+  ("length", "L", "d"),
+  ("step_ms", "step ms", ".1f"),
+  ("time_vs_softmax", "time vs softmax", ".2f"),
+  ("total_mib", "memory MiB", ".1f"),
+  ("memory_vs_softmax", "memory vs softmax", ".3f"),
+)
+CSV_KEYS = (
+  "attention", "length", "step_s", "time_vs_softmax", "temp_mib", "total_mib",
+  "memory_vs_softmax", "error",
+)  # fmt: skip
+
+
 def markdown(rows: list[dict], header: str) -> str:
-  lines = [
-    header,
-    "",
-    "| attention | L | step ms | time vs softmax | memory MiB | memory vs softmax |",
-    "|---|---:|---:|---:|---:|---:|",
-  ]
-
-  def fmt(value, spec):
-    return "-" if value is None else format(value, spec)
-
-  for r in rows:
-    if "error" in r:
-      lines.append(f"| {r['attention']} | {r['length']} | error: {r['error']} | | | |")
-      continue
-    step_ms = r.get("step_s") and r["step_s"] * 1e3
-    lines.append(
-      f"| {r['attention']} | {r['length']} | {fmt(step_ms, '.1f')} | "
-      f"{fmt(r.get('time_vs_softmax'), '.2f')} | {fmt(r.get('total_mib'), '.1f')} | "
-      f"{fmt(r.get('memory_vs_softmax'), '.3f')} |"
-    )
-  return "\n".join(lines)
+  """The per-cell table under `header`; a failed cell shows its error after its length."""
+  rows = [{**r, "step_ms": None if r.get("step_s") is None else r["step_s"] * 1e3} for r in rows]
+  return report.markdown_table(rows, COLUMNS, header, error_column=2)
 
 
 def targets(rows: list[dict]) -> str:
@@ -262,16 +259,7 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
   return True
 
 
-def _ints(text: str, flag: str) -> list[int]:
-  try:
-    values = [int(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    values = []
-  if not values or min(values) <= 0:
-    raise ConfigError(f"{flag}={text!r}: give positive integers separated by commas.")
-  return values
-
-
+@report.one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--attentions", default=",".join(attention.available()))
@@ -283,58 +271,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--time_max_length", type=int, default=4096, help="time only up to this length"
   )
   parser.add_argument("--num_layers", type=int, default=4, help="LRA: 4 (fewer for quick checks)")
-  parser.add_argument("--out", default=None, help="directory for .md, .csv and .png (or gs://)")
+  report.add_out_flag(parser, "attention.md, attention.csv and attention.png")
   parser.add_argument(
     "--dry_run",
     action="store_true",
     help="check the flags, --out and that every variant builds at every length; run nothing",
   )
   args = parser.parse_args(argv)
-  try:
-    from efficient_transformers.training import workdir as workdir_lib
-
-    # Checked now, not after hours of measuring.
-    out = workdir_lib.prepare(args.out, what="--out") if args.out else None
-    names = [n.strip() for n in args.attentions.split(",") if n.strip()]
-    for n in names:
-      attention.get_class(n)
-    if "softmax" not in names:
-      names.insert(0, "softmax")  # The reference every ratio needs.
-    lengths = _ints(args.lengths, "--lengths")
-    dtype = jnp.dtype(args.dtype)
-    if args.dry_run:
-      for length in lengths:
-        for name in names:
-          build_abstract(name, length, dtype=dtype, num_layers=args.num_layers)
-      print(
-        f"Dry run: {len(names)} variant(s) x {len(lengths)} length(s) build"
-        + (f"; {out} is writable." if out else ".")
-      )
-      return 0
-    rows = []
+  out = report.prepare_out(args.out)  # Checked now, not after hours of measuring.
+  names = [n.strip() for n in args.attentions.split(",") if n.strip()]
+  for n in names:
+    attention.get_class(n)
+  if "softmax" not in names:
+    names.insert(0, "softmax")  # The reference every ratio needs.
+  lengths = report.positive_ints(args.lengths, "--lengths")
+  dtype = jnp.dtype(args.dtype)
+  if args.dry_run:
     for length in lengths:
       for name in names:
-        row = measure(
-          name,
-          length,
-          batch=args.batch,
-          dtype=dtype,
-          steps=args.steps,
-          time_it=length <= args.time_max_length,
-          num_layers=args.num_layers,
-        )
-        print(row, file=sys.stderr, flush=True)
-        rows.append(row)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+        build_abstract(name, length, dtype=dtype, num_layers=args.num_layers)
+    print(report.dry_run_line(f"{len(names)} variant(s) x {len(lengths)} length(s) build", out))
+    return 0
+  rows = []
+  for length in lengths:
+    for name in names:
+      row = measure(
+        name,
+        length,
+        batch=args.batch,
+        dtype=dtype,
+        steps=args.steps,
+        time_it=length <= args.time_max_length,
+        num_layers=args.num_layers,
+      )
+      print(row, file=sys.stderr, flush=True)
+      rows.append(row)
   rows = with_ratios(rows)
-  device = jax.devices()[0]
   header = (
     f"Attention step (forward + backward), LRA Text model ({args.num_layers} layers), "
-    f"batch {args.batch}, {args.dtype}. "
-    f"Device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), "
-    f"jax {jax.__version__}. Memory: compiled temporaries + arguments; "
+    f"batch {args.batch}, {args.dtype}. {report.device_line(count=True)} "
+    "Memory: compiled temporaries + arguments; "
     f"time: median of {args.steps} steps, measured up to L={args.time_max_length}."
   )
   table = markdown(rows, header)
@@ -343,18 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     table += "\n\nAgainst the targets (sub-quadratic variants):\n\n" + summary
   print(table)
   if out:
-    paths.write_text(out / "attention.md", table + "\n")
-    keys = [
-      "attention", "length", "step_s", "time_vs_softmax", "temp_mib", "total_mib",
-      "memory_vs_softmax", "error",
-    ]  # fmt: skip
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows({k: r.get(k) for k in keys} for r in rows)
-    paths.write_text(out / "attention.csv", buffer.getvalue())
-    title = f"{device.device_kind} ({jax.default_backend()}), batch {args.batch}, {args.dtype}"
-    plot(rows, out / "attention.png", title)
+    report.write_tables(out, "attention", table, rows, CSV_KEYS)
+    with paths.writing(f"--out={out}"):
+      plot(rows, out / "attention.png", f"{report.device_name()}, batch {args.batch}, {args.dtype}")
   return 0
 
 

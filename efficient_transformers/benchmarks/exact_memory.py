@@ -12,9 +12,7 @@ Compiled memory is deterministic for a given backend and JAX version.
 """
 
 import argparse
-import csv
 import functools
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,21 +22,24 @@ import jax.numpy as jnp
 
 from efficient_transformers import attention
 from efficient_transformers.attention import dot_product as dot_product_lib
-from efficient_transformers.errors import ConfigError, UserError
+from efficient_transformers.benchmarks import report
+from efficient_transformers.errors import ConfigError
 
 VARIANTS = ("softmax", "dot_product", "memory_efficient")
-CSV_NAME = "exact_memory.csv"
 _MIB = 2**20
 
-
-def _parse_lengths(text: str) -> list[int]:
-  try:
-    lengths = [int(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    lengths = []
-  if not lengths or min(lengths) <= 0:
-    raise ConfigError(f"--lengths={text!r}: give positive integers separated by commas.")
-  return lengths
+# (key, column title, format) of the markdown table; the CSV holds CSV_KEYS (bytes, not MiB).
+COLUMNS = (
+  ("length", "L", "d"),
+  ("attention", "attention", "s"),
+  ("temp_mib", "temp MiB", ".2f"),
+  ("vs_softmax", "temp vs softmax", ".3f"),
+  ("argument_mib", "arguments MiB", ".2f"),
+  ("compile_s", "compile s", ".1f"),
+)
+CSV_KEYS = (
+  "length", "attention", "temp_bytes", "argument_bytes", "output_bytes", "compile_s", "vs_softmax",
+)  # fmt: skip
 
 
 def _parse_dtype(name: str) -> jnp.dtype:
@@ -129,30 +130,15 @@ def run(
 
 
 def markdown(rows: list[dict], header: str) -> str:
-  lines = [
-    header,
-    "",
-    "| L | attention | temp MiB | temp vs softmax | arguments MiB | compile s |",
-    "|---:|---|---:|---:|---:|---:|",
+  """`run`'s rows as a markdown table under `header`, bytes shown in MiB."""
+  mib = [
+    {**r, "temp_mib": r["temp_bytes"] / _MIB, "argument_mib": r["argument_bytes"] / _MIB}
+    for r in rows
   ]
-  for r in rows:
-    lines.append(
-      f"| {r['length']} | {r['attention']} | {r['temp_bytes'] / _MIB:.2f} "
-      f"| {r['vs_softmax']:.3f} | {r['argument_bytes'] / _MIB:.2f} | {r['compile_s']:.1f} |"
-    )
-  return "\n".join(lines)
+  return report.markdown_table(mib, COLUMNS, header)
 
 
-def write_csv(rows: list[dict], directory: str) -> str:
-  os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, CSV_NAME)
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  return path
-
-
+@report.one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", default="1024,2048,4096,8192", help="comma-separated L")
@@ -163,38 +149,32 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--causal", action="store_true")
   parser.add_argument("--query_chunk_size", type=int, default=512)
   parser.add_argument("--key_chunk_size", type=int, default=512)
-  parser.add_argument("--out", default=None, help="directory for exact_memory.csv")
+  report.add_out_flag(parser, "exact_memory.md and exact_memory.csv")
   args = parser.parse_args(argv)
-  try:
-    lengths = _parse_lengths(args.lengths)
-    dtype = _parse_dtype(args.dtype)
-    for flag in ("batch", "heads", "head_dim"):
-      if getattr(args, flag) <= 0:
-        raise ConfigError(f"--{flag}={getattr(args, flag)}: must be positive.")
-    rows = run(
-      lengths=lengths,
-      batch=args.batch,
-      heads=args.heads,
-      head_dim=args.head_dim,
-      dtype=dtype,
-      causal=args.causal,
-      query_chunk_size=args.query_chunk_size,
-      key_chunk_size=args.key_chunk_size,
-    )
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-
-  device = jax.devices()[0]
-  header = (
-    f"Exact attention, forward+backward compiled temp memory. Device: {device.device_kind} "
-    f"(platform {device.platform}), jax {jax.__version__}. Shape: batch {args.batch}, "
-    f"heads {args.heads}, head_dim {args.head_dim}, {dtype.name}, causal={args.causal}, "
-    f"memory_efficient chunks {args.query_chunk_size}x{args.key_chunk_size}."
+  out = report.prepare_out(args.out)  # Checked now, not after the compiles.
+  lengths = report.positive_ints(args.lengths, "--lengths")
+  dtype = _parse_dtype(args.dtype)
+  report.check_positive(args, ("batch", "heads", "head_dim"))
+  rows = run(
+    lengths=lengths,
+    batch=args.batch,
+    heads=args.heads,
+    head_dim=args.head_dim,
+    dtype=dtype,
+    causal=args.causal,
+    query_chunk_size=args.query_chunk_size,
+    key_chunk_size=args.key_chunk_size,
   )
-  print(markdown(rows, header))
-  if args.out:
-    print(f"\nwrote {write_csv(rows, args.out)}")
+  header = (
+    f"Exact attention, forward+backward compiled temp memory. {report.device_line()} "
+    f"Shape: batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, {dtype.name}, "
+    f"causal={args.causal}, memory_efficient chunks {args.query_chunk_size}x{args.key_chunk_size}."
+  )
+  table = markdown(rows, header)
+  print(table)
+  if out:
+    md, csv = report.write_tables(out, "exact_memory", table, rows, CSV_KEYS)
+    print(f"\nwrote {md} and {csv}")
   return 0
 
 

@@ -30,13 +30,9 @@ quadratic). Output: the markdown table (printed, and `lm_attention.md`) and
 """
 
 import argparse
-import csv
 import functools
-import io
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -47,7 +43,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from efficient_transformers import attention, paths
+from efficient_transformers import attention
+from efficient_transformers.benchmarks import report
 from efficient_transformers.errors import ConfigError, UserError
 from efficient_transformers.models.decoder import DecoderLM
 from efficient_transformers.training import config_lib
@@ -198,16 +195,8 @@ def scaling_exponent(rows: list[dict], key: str) -> float | None:
 
 def markdown(rows: list[dict], header: str, notes: Sequence[str] = ()) -> str:
   """The per-cell table, then each variant's scaling exponents, under `header`."""
-  lines = [header, "", "| " + " | ".join(title for _, title, _ in COLUMNS) + " |"]
-  lines.append("|" + "|".join("---" if spec == "s" else "---:" for _, _, spec in COLUMNS) + "|")
-  for r in rows:
-    if "error" in r:
-      cells = [r["attention"], str(r["length"]), f"error: {r['error']}"]
-      lines.append("| " + " | ".join(cells + [""] * (len(COLUMNS) - 3)) + " |")
-      continue
-    cells = ["-" if r.get(key) is None else format(r[key], spec) for key, _, spec in COLUMNS]
-    lines.append("| " + " | ".join(cells) + " |")
-  lines += [
+  lines = [
+    report.markdown_table(rows, COLUMNS, header, error_column=2),
     "",
     "Scaling with L (exponent of L between the shortest and the longest length measured; "
     "1 = linear, 2 = quadratic):",
@@ -224,31 +213,6 @@ def markdown(rows: list[dict], header: str, notes: Sequence[str] = ()) -> str:
   if notes:
     lines += ["", *(f"- {note}" for note in notes)]
   return "\n".join(lines)
-
-
-def device_name() -> str:
-  """The accelerator's kind, or for a CPU its model name (lscpu) and core count."""
-  device = jax.devices()[0]
-  if device.platform != "cpu":
-    return f"{device.device_kind} ({device.platform}, {jax.device_count()} device(s))"
-  model = ""
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                  if line.startswith("Model name")), "")  # fmt: skip
-  except (OSError, subprocess.SubprocessError):
-    pass
-  return f"CPU {model or 'unknown model'}, {os.cpu_count()} cores (cpu)"
-
-
-def _ints(text: str, flag: str) -> list[int]:
-  try:
-    values = [int(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    values = []
-  if not values or min(values) <= 0:
-    raise ConfigError(f"{flag}={text!r}: give positive integers separated by commas.")
-  return values
 
 
 def _attention_names(text: str) -> list[str]:
@@ -273,17 +237,13 @@ def _attention_names(text: str) -> list[str]:
 def _check_flags(args: argparse.Namespace) -> tuple[list[str], list[int]]:
   """Raises ConfigError naming the first bad flag; returns (attention names, lengths)."""
   names = _attention_names(args.attentions)
-  lengths = _ints(args.lengths, "--lengths")
-  for flag in ("batch", "steps", "num_layers", "emb_dim", "num_heads", "mlp_dim"):
-    if getattr(args, flag) <= 0:
-      raise ConfigError(f"--{flag}={getattr(args, flag)} must be a positive integer.")
-  if args.emb_dim % args.num_heads:
-    raise ConfigError(
-      f"--emb_dim={args.emb_dim} must be divisible by --num_heads={args.num_heads}."
-    )
+  lengths = report.positive_ints(args.lengths, "--lengths")
+  report.check_positive(args, ("batch", "steps", "num_layers", "emb_dim", "num_heads", "mlp_dim"))
+  report.check_divisible(args, "emb_dim", "num_heads")
   return names, lengths
 
 
+@report.one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument(
@@ -300,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--emb_dim", type=int, default=SMOKE_SIZES["emb_dim"])
   parser.add_argument("--num_heads", type=int, default=SMOKE_SIZES["num_heads"])
   parser.add_argument("--mlp_dim", type=int, default=SMOKE_SIZES["mlp_dim"])
-  parser.add_argument("--out", default=None, help="directory for the .md and .csv (or gs://)")
+  report.add_out_flag(parser, "lm_attention.md and lm_attention.csv")
   parser.add_argument(
     "--dry_run",
     action="store_true",
@@ -309,44 +269,34 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   sizes = {k: getattr(args, k) for k in SMOKE_SIZES}
   dtype = jnp.dtype(args.dtype)
-  try:
-    from efficient_transformers.training import workdir as workdir_lib
-
-    # Checked now, not after the measurements.
-    out = workdir_lib.prepare(args.out, what="--out") if args.out else None
-    names, lengths = _check_flags(args)
-    if args.dry_run:
-      for length in lengths:
-        for name in names:
-          nnx.eval_shape(functools.partial(build_model, name, length, sizes, dtype))
-      print(
-        f"Dry run: {len(names)} attention(s) x {len(lengths)} length(s) build"
-        + (f"; {out} is writable." if out else ".")
-      )
-      return 0
-    rows = []
+  out = report.prepare_out(args.out)  # Checked now, not after the measurements.
+  names, lengths = _check_flags(args)
+  if args.dry_run:
     for length in lengths:
       for name in names:
-        row = measure(
-          name,
-          length,
-          sizes=sizes,
-          batch=args.batch,
-          dtype=dtype,
-          steps=args.steps,
-          time_it=length <= args.time_max_length,
-        )
-        print(row, file=sys.stderr, flush=True)
-        rows.append(row)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+        nnx.eval_shape(functools.partial(build_model, name, length, sizes, dtype))
+    print(report.dry_run_line(f"{len(names)} attention(s) x {len(lengths)} length(s) build", out))
+    return 0
+  rows = []
+  for length in lengths:
+    for name in names:
+      row = measure(
+        name,
+        length,
+        sizes=sizes,
+        batch=args.batch,
+        dtype=dtype,
+        steps=args.steps,
+        time_it=length <= args.time_max_length,
+      )
+      print(row, file=sys.stderr, flush=True)
+      rows.append(row)
   rows = with_ratios(rows)
   header = (
     f"Training step of the byte-level DecoderLM (memory=none) per causal attention: "
     f"{args.num_layers} layers, {args.emb_dim} wide, {args.num_heads} heads, MLP "
     f"{args.mlp_dim}; batch {args.batch}, {args.dtype}, segment = L. "
-    f"Device: {device_name()}, jax {jax.__version__}."
+    f"{report.device_line(cpu=True)}"
   )
   notes = (
     "Attention kwargs: `config_lib.attention_defaults(name, smoke=False, sequence_length=L)`, "
@@ -361,12 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   table = markdown(rows, header, notes)
   print(table)
   if out:
-    paths.write_text(out / "lm_attention.md", table + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(CSV_KEYS))
-    writer.writeheader()
-    writer.writerows({k: r.get(k) for k in CSV_KEYS} for r in rows)
-    paths.write_text(out / "lm_attention.csv", buffer.getvalue())
+    report.write_tables(out, "lm_attention", table, rows, CSV_KEYS)
   return 0
 
 

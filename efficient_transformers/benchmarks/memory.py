@@ -35,9 +35,7 @@ JAX version. The default model is the smoke size of configs/lm/byte_lm.py.
 """
 
 import argparse
-import csv
 import functools
-import io
 import math
 import statistics
 import sys
@@ -50,8 +48,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from efficient_transformers import paths
-from efficient_transformers.errors import ConfigError, UserError
+from efficient_transformers.benchmarks import report
+from efficient_transformers.errors import ConfigError
 from efficient_transformers.models.decoder import DecoderLM
 
 VOCAB = 257
@@ -309,43 +307,14 @@ def footprint_rows(context: int, *, sizes: dict, batch: int, segment: int) -> li
   return rows
 
 
-def markdown(
-  rows: list[dict], columns: Sequence[tuple[str, str, str]], header: str, notes: Sequence[str] = ()
-) -> str:
-  """A markdown table of `rows` under `header`; `columns` as SPEED_COLUMNS; notes below."""
-  lines = [header, "", "| " + " | ".join(title for _, title, _ in columns) + " |"]
-  lines.append("|" + "|".join("---" if spec == "s" else "---:" for _, _, spec in columns) + "|")
-  for r in rows:
-    cells = ["-" if r.get(key) is None else format(r[key], spec) for key, _, spec in columns]
-    lines.append("| " + " | ".join(cells) + " |")
-  if notes:
-    lines += ["", *(f"- {note}" for note in notes)]
-  return "\n".join(lines)
-
-
-def _ints(text: str, flag: str) -> list[int]:
-  try:
-    values = [int(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    values = []
-  if not values or min(values) <= 0:
-    raise ConfigError(f"{flag}={text!r}: give positive integers separated by commas.")
-  return values
-
-
 def _check_flags(args: argparse.Namespace) -> list[int]:
   """Raises ConfigError naming the first bad flag; returns the parsed --contexts."""
-  contexts = _ints(args.contexts, "--contexts")
-  for flag in (
+  contexts = report.positive_ints(args.contexts, "--contexts")
+  report.check_positive(args, (
     "eval_segment", "batch", "steps", "num_layers", "emb_dim", "num_heads", "mlp_dim", "segment",
     "footprint_context",
-  ):  # fmt: skip
-    if getattr(args, flag) <= 0:
-      raise ConfigError(f"--{flag}={getattr(args, flag)} must be a positive integer.")
-  if args.emb_dim % args.num_heads:
-    raise ConfigError(
-      f"--emb_dim={args.emb_dim} must be divisible by --num_heads={args.num_heads}."
-    )
+  ))  # fmt: skip
+  report.check_divisible(args, "emb_dim", "num_heads")
   if args.eval_segment > min(contexts):
     raise ConfigError(
       f"--eval_segment={args.eval_segment} must not exceed the smallest --contexts "
@@ -364,15 +333,7 @@ def _check_flags(args: argparse.Namespace) -> list[int]:
   return contexts
 
 
-def _write(out, name: str, table: str, rows: list[dict], keys: Sequence[str]) -> None:
-  paths.write_text(out / f"{name}.md", table + "\n")
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=list(keys))
-  writer.writeheader()
-  writer.writerows({k: r.get(k) for k in keys} for r in rows)
-  paths.write_text(out / f"{name}.csv", buffer.getvalue())
-
-
+@report.one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--contexts", default="1024,2048,4096,8192,16384")
@@ -385,30 +346,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--mlp_dim", type=int, default=SMOKE_SIZES["mlp_dim"])
   parser.add_argument("--segment", type=int, default=128, help="footprint: segment length")
   parser.add_argument("--footprint_context", type=int, default=2048)
-  parser.add_argument("--out", default=None, help="directory for the .md and .csv files")
+  report.add_out_flag(parser, "memory_speed.md/.csv and memory_footprint.md/.csv")
   args = parser.parse_args(argv)
   sizes = {k: getattr(args, k) for k in SMOKE_SIZES}
-  try:
-    from efficient_transformers.training import workdir as workdir_lib
-
-    out = workdir_lib.prepare(args.out, what="--out") if args.out else None
-    contexts = _check_flags(args)
-    speed = speed_rows(
-      contexts, sizes=sizes, batch=args.batch, eval_segment=args.eval_segment, steps=args.steps
-    )
-    footprint = footprint_rows(
-      args.footprint_context, sizes=sizes, batch=args.batch, segment=args.segment
-    )
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  device = jax.devices()[0]
+  out = report.prepare_out(args.out)  # Checked now, not after the measurements.
+  contexts = _check_flags(args)
+  speed = speed_rows(
+    contexts, sizes=sizes, batch=args.batch, eval_segment=args.eval_segment, steps=args.steps
+  )
+  footprint = footprint_rows(
+    args.footprint_context, sizes=sizes, batch=args.batch, segment=args.segment
+  )
   setting = (
     f"DecoderLM {args.num_layers} layers, {args.emb_dim} wide, {args.num_heads} heads, "
-    f"MLP {args.mlp_dim}; batch {args.batch}, float32. "
-    f"Device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}."
+    f"MLP {args.mlp_dim}; batch {args.batch}, float32. {report.device_line()}"
   )
-  speed_table = markdown(
+  speed_table = report.markdown_table(
     speed,
     SPEED_COLUMNS,
     "Evaluation speed: Transformer-XL cache (mem_len = C) vs recomputing the last C tokens. "
@@ -421,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       "MiB = compiled temporaries + arguments of that forward.",
     ),
   )
-  footprint_table = markdown(
+  footprint_table = report.markdown_table(
     footprint,
     FOOTPRINT_COLUMNS,
     f"Memory footprint at context C = {args.footprint_context}, segment {args.segment}. "
@@ -431,8 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   print(speed_table + "\n\n" + footprint_table)
   if out:
-    _write(out, "memory_speed", speed_table, speed, SPEED_CSV_KEYS)
-    _write(out, "memory_footprint", footprint_table, footprint, FOOTPRINT_CSV_KEYS)
+    report.write_tables(out, "memory_speed", speed_table, speed, SPEED_CSV_KEYS)
+    report.write_tables(out, "memory_footprint", footprint_table, footprint, FOOTPRINT_CSV_KEYS)
   return 0
 
 

@@ -20,8 +20,6 @@ JAX version; compile times are one measurement each, on the named device.
 """
 
 import argparse
-import csv
-import io
 import sys
 import time
 from collections.abc import Sequence
@@ -30,8 +28,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers import attention, paths
-from efficient_transformers.errors import ConfigError, UserError
+from efficient_transformers import attention
+from efficient_transformers.benchmarks import report
+from efficient_transformers.errors import ConfigError
 from efficient_transformers.models.stack import REMAT_POLICIES, Stack
 
 _MIB = 2**20
@@ -51,6 +50,12 @@ SCAN_COLUMNS = (
   ("scan_temp_mib", "scan temp MiB", ".1f"),
   ("remat_temp_mib", "scan+remat temp MiB", ".1f"),
 )
+
+REVERSIBLE_CSV_KEYS = ("layers", "plain_temp_mib", "reversible_temp_mib", "ratio")
+SCAN_CSV_KEYS = (
+  "layers", "remat_policy", "unrolled_compile_s", "scan_compile_s", "remat_compile_s",
+  "unrolled_temp_mib", "scan_temp_mib", "remat_temp_mib",
+)  # fmt: skip
 
 
 def abstract_stack(num_layers: int, sizes: dict, **options) -> Stack:
@@ -114,38 +119,12 @@ def scan_rows(
   return rows
 
 
-def markdown(rows: list, columns, header: str, notes: Sequence[str] = ()) -> str:
-  lines = [header, "", "| " + " | ".join(title for _, title, _ in columns) + " |"]
-  lines.append("|" + "|".join("---:" for _ in columns) + "|")
-  for r in rows:
-    cells = ["-" if r.get(key) is None else format(r[key], spec) for key, _, spec in columns]
-    lines.append("| " + " | ".join(cells) + " |")
-  if notes:
-    lines += ["", *(f"- {note}" for note in notes)]
-  return "\n".join(lines)
-
-
-def _ints(text: str, flag: str) -> list[int]:
-  try:
-    values = [int(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    values = []
-  if not values or min(values) <= 0:
-    raise ConfigError(f"{flag}={text!r}: give positive integers separated by commas.")
-  return values
-
-
 def _check_flags(args: argparse.Namespace) -> tuple[list[int], list[int], dict]:
   """Raises ConfigError naming the first bad flag; returns (depths, depths, sizes)."""
-  reversible = _ints(args.reversible_layers, "--reversible_layers")
-  scan = _ints(args.scan_layers, "--scan_layers")
-  for flag in ("batch", "length", "features", "num_heads", "mlp_dim"):
-    if getattr(args, flag) <= 0:
-      raise ConfigError(f"--{flag}={getattr(args, flag)} must be a positive integer.")
-  if args.features % args.num_heads:
-    raise ConfigError(
-      f"--features={args.features} must be divisible by --num_heads={args.num_heads}."
-    )
+  reversible = report.positive_ints(args.reversible_layers, "--reversible_layers")
+  scan = report.positive_ints(args.scan_layers, "--scan_layers")
+  report.check_positive(args, ("batch", "length", "features", "num_heads", "mlp_dim"))
+  report.check_divisible(args, "features", "num_heads")
   if args.remat_policy not in REMAT_POLICIES or args.remat_policy == "none":
     valid = ", ".join(p for p in REMAT_POLICIES if p != "none")
     raise ConfigError(f"--remat_policy={args.remat_policy!r} is unknown; valid: {valid}.")
@@ -160,15 +139,7 @@ def _check_flags(args: argparse.Namespace) -> tuple[list[int], list[int], dict]:
   return reversible, scan, sizes
 
 
-def _write(out, name: str, table: str, rows: list, keys: Sequence[str]) -> None:
-  paths.write_text(out / f"{name}.md", table + "\n")
-  buffer = io.StringIO()
-  writer = csv.DictWriter(buffer, fieldnames=list(keys))
-  writer.writeheader()
-  writer.writerows({k: r.get(k) for k in keys} for r in rows)
-  paths.write_text(out / f"{name}.csv", buffer.getvalue())
-
-
+@report.one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--reversible_layers", default="2,4,8,16")
@@ -180,46 +151,38 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--mlp_dim", type=int, default=512)
   parser.add_argument("--attention", default="softmax", help="a registered attention name")
   parser.add_argument("--remat_policy", default="full", help="the scan+remat column's policy")
-  parser.add_argument("--out", default=None, help="directory for the .md and .csv files")
+  report.add_out_flag(parser, "stack_options_reversible.md/.csv and stack_options_scan.md/.csv")
   parser.add_argument(
     "--dry_run",
     action="store_true",
     help="check the flags, --out and that every stack builds; compile nothing",
   )
   args = parser.parse_args(argv)
-  try:
-    from efficient_transformers.training import workdir as workdir_lib
-
-    # Checked now, not after the compiles.
-    out = workdir_lib.prepare(args.out, what="--out") if args.out else None
-    reversible_depths, scan_depths, sizes = _check_flags(args)
-    if args.dry_run:
-      for layers in reversible_depths:
-        abstract_stack(layers, sizes, reversible=True)
-      for layers in scan_depths:
-        abstract_stack(layers, sizes, scan_layers=True, remat_policy=args.remat_policy)
-      print("Dry run: every stack builds" + (f"; {out} is writable." if out else "."))
-      return 0
-    shape = dict(sizes=sizes, batch=args.batch, length=args.length)
-    reversible = reversible_rows(reversible_depths, **shape)
-    scan = scan_rows(scan_depths, remat_policy=args.remat_policy, **shape)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  device = jax.devices()[0]
+  out = report.prepare_out(args.out)  # Checked now, not after the compiles.
+  reversible_depths, scan_depths, sizes = _check_flags(args)
+  if args.dry_run:
+    for layers in reversible_depths:
+      abstract_stack(layers, sizes, reversible=True)
+    for layers in scan_depths:
+      abstract_stack(layers, sizes, scan_layers=True, remat_policy=args.remat_policy)
+    print(report.dry_run_line("every stack builds", out))
+    return 0
+  shape = dict(sizes=sizes, batch=args.batch, length=args.length)
+  reversible = reversible_rows(reversible_depths, **shape)
+  scan = scan_rows(scan_depths, remat_policy=args.remat_policy, **shape)
   setting = (
     f"Causal Stack, {args.attention} attention, {args.features} wide, {args.num_heads} heads, "
     f"MLP {args.mlp_dim}; batch {args.batch}, length {args.length}, float32; "
     "value_and_grad of sum(stack(x)**2) w.r.t. params and x, compiled only. "
-    f"Device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}."
+    f"{report.device_line()}"
   )
-  reversible_table = markdown(
+  reversible_table = report.markdown_table(
     reversible,
     REVERSIBLE_COLUMNS,
     "Reversible layers: compiled temporaries, plain vs reversible=True. " + setting,
     ("temp MiB = memory_analysis().temp_size_in_bytes (parameters and inputs excluded).",),
   )
-  scan_table = markdown(
+  scan_table = report.markdown_table(
     scan,
     SCAN_COLUMNS,
     f"scan_layers: compile time and temporaries, unrolled vs scan vs scan + "
@@ -228,13 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   print(reversible_table + "\n\n" + scan_table)
   if out:
-    _write(out, "stack_options_reversible", reversible_table, reversible, [
-      "layers", "plain_temp_mib", "reversible_temp_mib", "ratio",
-    ])  # fmt: skip
-    _write(out, "stack_options_scan", scan_table, scan, [
-      "layers", "remat_policy", "unrolled_compile_s", "scan_compile_s", "remat_compile_s",
-      "unrolled_temp_mib", "scan_temp_mib", "remat_temp_mib",
-    ])  # fmt: skip
+    report.write_tables(
+      out, "stack_options_reversible", reversible_table, reversible, REVERSIBLE_CSV_KEYS
+    )
+    report.write_tables(out, "stack_options_scan", scan_table, scan, SCAN_CSV_KEYS)
   return 0
 
 
