@@ -297,9 +297,7 @@ def test_stream_process_shards_partition_the_global_batch(process_count):
     for key in ("inputs", "targets", "reset"):
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
   with pytest.raises(ConfigError, match="multiple"):
-    pipeline.stream_train_iterator(
-      tokens, global_batch_size=B, segment_length=SEG, process_count=3
-    )
+    pipeline.stream_train_iterator(tokens, global_batch_size=B, segment_length=SEG, process_count=3)
 
 
 @pytest.mark.parametrize("steps_before", [0, 4, 8, 13])
