@@ -22,11 +22,13 @@ ALLOWED = {
   "interruptions": {"errors"},
   "layers": UTILITIES,
   "attention": UTILITIES | {"layers"},
+  "mixers": UTILITIES | {"layers"},
   "memory": UTILITIES | {"layers", "attention"},
-  "models": UTILITIES | {"layers", "attention", "memory"},
+  "models": UTILITIES | {"layers", "attention", "mixers", "memory"},
   "data": UTILITIES,
-  "training": UTILITIES | {"layers", "attention", "memory", "models", "data"},
-  "benchmarks": UTILITIES | {"layers", "attention", "memory", "models", "data", "training"},
+  "training": UTILITIES | {"layers", "attention", "mixers", "memory", "models", "data"},
+  "benchmarks": UTILITIES
+  | {"layers", "attention", "mixers", "memory", "models", "data", "training"},
 }
 
 

@@ -1,0 +1,12 @@
+"""Sequence mixers beside attention: recurrent (LSTM, GRU), convolutional and state-space.
+
+Each mixer is an `nnx.Module` with the attention module's call contract
+(`module(x, *, mask, deterministic) -> y`, [batch, length, features] in and
+out, True in `mask` = real token), built by `make(name, ...)` from the same
+common arguments as `attention.make`, so a stack block can hold either.
+Mixers register by name in `registry`.
+"""
+
+from efficient_transformers.mixers.registry import available, get_class, make, register
+
+__all__ = ["available", "get_class", "make", "register"]
