@@ -132,4 +132,6 @@ def test_the_checks_catch_what_they_look_for():
   ]
   # And the real tree has the imports the check reads (it is not reading nothing).
   stack_imports = dict(package_edges())["efficient_transformers.models.stack"]
-  assert any(t == "efficient_transformers.attention" for t, _ in stack_imports)
+  assert any(t == "efficient_transformers.models.mixing" for t, _ in stack_imports)
+  mixing_imports = dict(package_edges())["efficient_transformers.models.mixing"]
+  assert any(t == "efficient_transformers.attention" for t, _ in mixing_imports)

@@ -18,8 +18,9 @@ Attention (`attention=`): any variant that can be causal
 local, sparse, longformer, reformer, linear, performer, sinkhorn,
 synthesizer), with memory=none, transformer_xl or compressive (the memory is
 the context of every layer's attention); rmt takes softmax or dot_product (it
-needs an additive bias). Its keyword arguments are in
-config.model.attention_kwargs (the smoke sizes in the smoke config).
+needs an additive bias). A causal baseline mixer (`mixers.available(causal=True)`:
+lstm, gru, conv, s4d, ...) takes the attention's place with memory=none. Its
+keyword arguments are in config.model.attention_kwargs (the smoke sizes in the smoke config).
 Positions (`config.model.positional`): the memory's own by default (relative
 for Transformer-XL with softmax, rope with another attention).
 
@@ -43,8 +44,8 @@ corpus=stdlib|enwik8|text8.
 
 import ml_collections
 
-from efficient_transformers import attention
 from efficient_transformers.errors import ConfigError
+from efficient_transformers.models import mixing
 from efficient_transformers.training import config_lib
 
 MEMORIES = ("none", "transformer_xl", "compressive", "rmt")
@@ -62,14 +63,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ConfigError(
       f"configs/lm/byte_lm.py: memory={args['memory']!r} is unknown; valid: {', '.join(MEMORIES)}."
     )
-  causal = attention.available(causal=True)
+  causal = mixing.available(causal=True)
   if args["attention"] not in causal:
     raise ConfigError(
-      f"configs/lm/byte_lm.py: attention={args['attention']!r} is not a causal attention; "
-      f"valid: {', '.join(causal)}."
+      f"configs/lm/byte_lm.py: attention={args['attention']!r} is not a causal attention or "
+      f"mixer; valid: {', '.join(causal)}."
     )
-  if args["memory"] == "rmt" and not attention.get_class(args["attention"]).supports_bias:
-    takers = [n for n in causal if attention.get_class(n).supports_bias]
+  if args["memory"] != "none" and not mixing.is_attention(args["attention"]):
+    raise ConfigError(
+      f"configs/lm/byte_lm.py: memory={args['memory']} feeds an attention; mixer "
+      f"attention={args['attention']} takes no memory: add memory=none."
+    )
+  if args["memory"] == "rmt" and not mixing.get_class(args["attention"]).supports_bias:
+    takers = [n for n in causal if mixing.get_class(n).supports_bias]
     raise ConfigError(
       f"configs/lm/byte_lm.py: memory=rmt needs an attention that takes an additive bias (its "
       f"read/write pattern); attention={args['attention']} does not. Valid: {', '.join(takers)}."
@@ -161,4 +167,4 @@ def _default_positional(memory: str, attention_name: str) -> str:
     return "sinusoidal"
   if attention_name == "softmax":
     return "relative"
-  return "rope" if attention.get_class(attention_name).supports_rope else "none"
+  return "rope" if mixing.get_class(attention_name).supports_rope else "none"

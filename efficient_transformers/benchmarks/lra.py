@@ -57,6 +57,7 @@ from efficient_transformers.benchmarks.lra_report import (
   write_report,
 )
 from efficient_transformers.errors import ConfigError, UserError
+from efficient_transformers.models import mixing
 from efficient_transformers.training.metrics import read_records
 from efficient_transformers.training.workdir import WorkdirBusyError
 
@@ -426,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     root = paths.resolve(args.workdir, what="--workdir")
-    valid_tasks, valid_attentions = available_tasks(), attention.available()
+    # Any attention or baseline mixer is a row; the default grid is the attentions.
+    valid_tasks, valid_attentions = available_tasks(), mixing.available()
     default_tasks = ",".join(t for t in valid_tasks if t in AVERAGED_TASKS)
     if args.cell is not None:
       task, colon, name = args.cell.partition(":")
@@ -434,7 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--cell={args.cell!r}: write TASK:ATTENTION, e.g. listops:softmax.")
       args.tasks, args.attentions = task, name
     tasks = _names(args.tasks or default_tasks, valid_tasks, "task")
-    names = _names(args.attentions or ",".join(valid_attentions), valid_attentions, "attention")
+    names = _names(
+      args.attentions or ",".join(attention.available()), valid_attentions, "attention"
+    )
     overrides = parse_overrides(args.config_overrides, [*valid_tasks, *valid_attentions])
     if args.report_only:
       print(write_report(root, tasks if args.tasks else (), names if args.attentions else ()))

@@ -7,7 +7,7 @@ common arguments as `attention.make`, so a stack block can hold either.
 Mixers register by name in `registry`.
 """
 
-from efficient_transformers.mixers import conv, recurrent, s4d  # noqa: F401 - registering.
+from efficient_transformers.mixers import conv, recurrent, s4d, scan  # noqa: F401 - registering.
 from efficient_transformers.mixers.registry import available, get_class, make, register
 
 __all__ = ["available", "get_class", "make", "register"]

@@ -1,11 +1,11 @@
 """The one block and the one stack of blocks that every model is built from.
 
 A `Block` is pre-LayerNorm and residual: x + Mixer(LN(x)), then x + MLP(LN(x)).
-The mixer is any registered attention variant, built by name through
-`attention.make`; a `Stack` is `num_layers` blocks and a final LayerNorm. The
-encoder classifiers, the segmented classifier and the decoder LM all run a
-`Stack`, so an attention variant (causal or not), a block option or a stack
-option reaches every model at once.
+The mixer is any registered attention variant or baseline mixer (LSTM, GRU,
+convolution, state-space), built by name through `mixing.make`; a `Stack` is
+`num_layers` blocks and a final LayerNorm. The encoder classifiers, the
+segmented classifier and the decoder LM all run a `Stack`, so a mixer (causal
+or not), a block option or a stack option reaches every model at once.
 
 Shapes: x [batch, length, features]; mask [batch, length] bool, True = real.
 
@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers import attention
 from efficient_transformers import memory as recurrent
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.layers import ACTIVATION_AXES, FeedForward, constrain, layer_norm
 from efficient_transformers.layers.reversible import reversible_sequence
+from efficient_transformers.models import mixing
 
 
 class Block(nnx.Module):
@@ -35,7 +35,8 @@ class Block(nnx.Module):
     features: the residual stream's width.
     num_heads, head_dim: the attention's shape.
     mlp_dim: the MLP's hidden width.
-    attention_name, attention_kwargs: the mixer, as `attention.make` takes them.
+    attention_name, attention_kwargs: the mixer, as `attention.make` takes them (or
+      `mixers.make` for a baseline: `mixing.available()` lists both).
     dropout_rate: on the residual branches and inside the MLP.
     attention_dropout_rate: on the per-head attention outputs.
     causal: a query sees no later token (a ConfigError for a variant that
@@ -59,7 +60,7 @@ class Block(nnx.Module):
     param_dtype=jnp.float32,
   ):
     self.attention_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    self.attention = attention.make(
+    self.attention = mixing.make(
       attention_name,
       in_features=features,
       num_heads=num_heads,
@@ -194,6 +195,13 @@ class Stack(nnx.Module):
         f"num_layers={num_layers!r} must be an integer >= 0.", argument="num_layers"
       )
     if memory != "none":
+      if not mixing.is_attention(attention_name):
+        mixing.get_class(attention_name)  # An unknown name is named first.
+        raise ConfigError(
+          f"memory {memory!r} feeds an attention its keys and values; mixer "
+          f"{attention_name!r} takes none: use memory='none', or an attention.",
+          argument="memory",
+        )
       recurrent.check_attention(memory, attention_name, attention_kwargs, causal=causal)
     self.share_every = layer_group_size(
       num_layers,

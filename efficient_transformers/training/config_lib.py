@@ -71,7 +71,7 @@ SMOKE_ATTENTION_KWARGS = {
 def attention_defaults(
   name: str, *, smoke: bool = False, sequence_length: int | None = None
 ) -> ml_collections.ConfigDict:
-  """The declared keyword arguments of attention `name` with their defaults.
+  """The declared keyword arguments of attention (or mixer) `name` with their defaults.
 
   Putting them in the config makes every variant kwarg overridable from the
   command line (`--config.model.attention_kwargs.KEY=VALUE`) and recorded in
@@ -84,10 +84,10 @@ def attention_defaults(
       token); sets the `max_length` of variants with learned length-sized
       parameters (Linformer, Sinkhorn, Synthesizer).
   """
-  from efficient_transformers import attention  # Registers every variant.
+  from efficient_transformers.models import mixing  # Registers every variant and mixer.
 
   try:
-    declared = attention.registry.variant_kwargs(name)
+    declared = mixing.variant_kwargs(name)
   except ConfigError as e:  # An unknown name, from a config file's attention= arg.
     raise ConfigError(
       f"{e.message} (set by config.model.attention, or the config arg attention=NAME)"
