@@ -27,7 +27,7 @@ from efficient_transformers.models import stack
 from efficient_transformers.training import state
 
 LIBRARY = pathlib.Path(attention.__file__).parent.parent
-LIBRARY_DIRS = ("attention", "memory", "models", "layers")
+LIBRARY_DIRS = ("attention", "mixers", "memory", "models", "layers")
 SIZES = dict(in_features=8, num_heads=2, head_dim=4)
 ENCODER = dict(
   num_classes=3,
