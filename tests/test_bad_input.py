@@ -39,7 +39,9 @@ def test_unknown_attention_lists_valid_names(tmp_path):
   proc = run_cli(
     "train.py", "--config=configs/lra/listops.py:smoke,attention=nope", f"--workdir={tmp_path}"
   )
-  _assert_clean_error(proc, "Unknown attention 'nope'", "softmax", "memory_efficient")
+  _assert_clean_error(
+    proc, "Unknown attention or mixer 'nope'", "softmax", "memory_efficient", "lstm", "s4d"
+  )
 
 
 def test_unknown_config_key_and_arg(tmp_path):
