@@ -105,3 +105,30 @@ def test_the_lra_runner_takes_a_mixer_as_a_row(tmp_path):
     )
   assert rc == 0, out.getvalue()
   assert "listops:lstm: compiles" in out.getvalue()
+
+
+@pytest.mark.parametrize("name", ["s4d", "lru", "s5"])
+def test_the_ssm_group_trains_at_its_own_rate_in_the_sharded_step(name):
+  # ssm_learning_rate=0 freezes exactly the state-space parameters; the rest train.
+  config = listops_config.get_config(f"smoke,attention={name}")
+  small(config)
+  config.model.num_layers = 1
+  config.optimizer.ssm_learning_rate = 0.0
+  spec = tasks.describe(config)
+  setup = train_lib._build(config, spec)
+  step_fn = train_lib._compile_train_step(config, spec, setup)
+  train_state = state.init_state(setup)
+  before = jax.device_get(train_state["params"])
+  batch = synthetic_batch(spec, config.batch_size, np.random.default_rng(0))
+  for _ in range(2):
+    train_state, _ = step_fn(train_state, sharding.global_batch(batch, setup.batch_sharding))
+  after = jax.device_get(train_state["params"])
+  flat = jax.tree_util.tree_leaves_with_path(before)
+  moved = {
+    jax.tree_util.keystr(path): not np.array_equal(a, b)
+    for (path, a), b in zip(flat, jax.tree.leaves(after), strict=True)
+  }
+  ssm = {k: v for k, v in moved.items() if k.split("'")[-2] in mixers.SSM_PARAMETER_NAMES}
+  assert ssm and not any(ssm.values()), ssm
+  rest = [v for k, v in moved.items() if k not in ssm]
+  assert sum(rest) > len(rest) // 2

@@ -72,3 +72,58 @@ def test_bad_optimizer_settings_name_the_key():
     optimizers.learning_rate_schedule(_cfg(schedule="linear"), 10)
   with pytest.raises(ConfigError, match="grad_accum_steps"):
     optimizers.make_optimizer(_cfg(grad_accum_steps=0), 10)
+
+
+# ---------------------------------------------------------------- The state-space group.
+
+
+def _params():
+  import jax.numpy as jnp
+
+  ones = jnp.ones(3)
+  return {"s4d": {"log_dt": ones, "Lambda_re": ones, "C": ones}, "out": {"kernel": ones}}
+
+
+def test_ssm_parameters_take_their_own_rate_and_no_weight_decay():
+  import jax
+  import jax.numpy as jnp
+
+  cfg = _cfg(schedule="constant", warmup_steps=0, learning_rate=1e-3, weight_decay=0.5)
+  cfg.ssm_learning_rate, cfg.ssm_weight_decay = 2e-3, 0.0
+  tx, _ = optimizers.make_optimizer(cfg, 10)
+  params = _params()
+  assert optimizers.ssm_labels(params) == {
+    "s4d": {"log_dt": "ssm", "Lambda_re": "ssm", "C": "default"},
+    "out": {"kernel": "default"},
+  }
+  # Zero gradients: only weight decay moves a parameter, lr x decay x p in the default group.
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  assert float(jnp.abs(updates["s4d"]["log_dt"]).max()) == 0.0
+  assert float(jnp.abs(updates["s4d"]["Lambda_re"]).max()) == 0.0
+  assert float(updates["out"]["kernel"][0]) == pytest.approx(-1e-3 * 0.5)
+  # Unit gradients, decay off: Adam's first step is -lr x g / (|g| + eps), twice as large in
+  # the SSM group.
+  cfg.weight_decay = 0.0
+  tx, _ = optimizers.make_optimizer(cfg, 10)
+  ones = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(ones, tx.init(params), params)
+  assert float(updates["s4d"]["log_dt"][0]) == pytest.approx(-2e-3, rel=1e-5)
+  assert float(updates["s4d"]["C"][0]) == pytest.approx(-1e-3, rel=1e-5)
+
+
+def test_without_an_ssm_rate_the_optimizer_state_keeps_the_one_group_layout():
+  import jax
+  import optax
+
+  cfg = _cfg(schedule="constant", warmup_steps=0)
+  tx, _ = optimizers.make_optimizer(cfg, 10)
+  plain = optax.chain(optax.adamw(optax.constant_schedule(1e-3)))
+  assert jax.tree.structure(tx.init(_params())) == jax.tree.structure(plain.init(_params()))
+
+
+def test_a_negative_ssm_rate_is_refused_by_key():
+  cfg = _cfg()
+  cfg.ssm_learning_rate = -1.0
+  with pytest.raises(ConfigError, match="config.optimizer.ssm_learning_rate"):
+    optimizers.make_optimizer(cfg, 10)

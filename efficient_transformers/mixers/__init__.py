@@ -10,4 +10,8 @@ Mixers register by name in `registry`.
 from efficient_transformers.mixers import conv, recurrent, s4d, scan  # noqa: F401 - registering.
 from efficient_transformers.mixers.registry import available, get_class, make, register
 
-__all__ = ["available", "get_class", "make", "register"]
+# The state-space parameters (Λ and Δ, in each mixer's parameterization) that the
+# papers train at their own learning rate without weight decay (config.optimizer.ssm_*).
+SSM_PARAMETER_NAMES = (*s4d.SSM_PARAMETER_NAMES, *scan.SSM_PARAMETER_NAMES)
+
+__all__ = ["SSM_PARAMETER_NAMES", "available", "get_class", "make", "register"]

@@ -209,6 +209,11 @@ def training_base(*, task: str, data_dir: str) -> ml_collections.ConfigDict:
   c.optimizer.eps = 1e-9
   c.optimizer.grad_clip_norm = 0.0  # 0 = no clipping.
   c.optimizer.grad_accum_steps = 1  # Micro-batches per step (same global batch).
+  # The state-space mixers' Λ and Δ (mixers.SSM_PARAMETER_NAMES) in their own group, as
+  # S4/S5/LRU train them: this learning rate (same schedule), ssm_weight_decay. None = one
+  # group for every parameter.
+  c.optimizer.ssm_learning_rate = ml_collections.config_dict.placeholder(float)
+  c.optimizer.ssm_weight_decay = 0.0
 
   # Mesh axis sizes; -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict()

@@ -7,6 +7,7 @@ import optax
 from absl import logging
 
 from efficient_transformers.errors import ConfigError
+from efficient_transformers.mixers import SSM_PARAMETER_NAMES
 
 SCHEDULES = ("rsqrt", "cosine", "constant")
 
@@ -64,10 +65,27 @@ def warn_about(cfg: ml_collections.ConfigDict, num_train_steps: int) -> None:
     )
 
 
+def ssm_labels(params) -> dict:
+  """ "ssm" for the state-space parameters (by name: `mixers.SSM_PARAMETER_NAMES`), else
+  "default": the labels of `optax.multi_transform`."""
+
+  def label(path, _):
+    return "ssm" if getattr(path[-1], "key", None) in SSM_PARAMETER_NAMES else "default"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(
   cfg: ml_collections.ConfigDict, num_train_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (decoupled weight decay) with optional global-norm clipping."""
+  """AdamW (decoupled weight decay) with optional global-norm clipping.
+
+  With `ssm_learning_rate` set, the state-space parameters (`ssm_labels`) are
+  a second AdamW group at that peak rate (the same schedule shape) with
+  `ssm_weight_decay`, through `optax.multi_transform`; clipping acts on the
+  whole gradient before either. Without it the optimizer state has the one-
+  group layout, so earlier checkpoints resume.
+  """
   for key in ("b1", "b2"):
     if not 0.0 <= cfg[key] < 1.0:
       raise ConfigError(f"config.optimizer.{key} must be in [0, 1); got {cfg[key]}.")
@@ -82,10 +100,25 @@ def make_optimizer(
       f"config.optimizer.grad_accum_steps must be >= 1; got {cfg.grad_accum_steps}."
     )
   schedule = learning_rate_schedule(cfg, num_train_steps)
+
+  def adamw(lr, weight_decay):
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=weight_decay)
+
   chain = []
   if cfg.grad_clip_norm > 0:
     chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  chain.append(
-    optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-  )
+  ssm_lr = cfg.get("ssm_learning_rate")
+  if ssm_lr is None:
+    chain.append(adamw(schedule, cfg.weight_decay))
+  else:
+    ssm_decay = cfg.get("ssm_weight_decay", 0.0)
+    if not ssm_lr >= 0 or not ssm_decay >= 0:
+      raise ConfigError(
+        "config.optimizer.ssm_learning_rate and ssm_weight_decay must be >= 0; got "
+        f"{ssm_lr}, {ssm_decay}."
+      )
+    scale = ssm_lr / cfg.learning_rate if cfg.learning_rate else 0.0
+    ssm_schedule = (lambda step: scale * schedule(step)) if cfg.learning_rate else ssm_lr
+    groups = {"default": adamw(schedule, cfg.weight_decay), "ssm": adamw(ssm_schedule, ssm_decay)}
+    chain.append(optax.multi_transform(groups, ssm_labels))
   return optax.chain(*chain), schedule

@@ -302,13 +302,15 @@ def make_setup(
   )
   abs_opt = jax.eval_shape(tx.init, abs_params)
   replicated = NamedSharding(mesh, PartitionSpec())
+  # Optimizer moments shard like their parameters. A parameter group (optax.multi_transform)
+  # leaves an empty MaskedNode where another group's parameter sits: kept as it is.
   opt_shardings = optax.tree_map_params(
     tx,
-    lambda _, s: s,
+    lambda x, s: x if isinstance(x, optax.MaskedNode) else s,
     abs_opt,
     param_shardings,
     transform_non_params=lambda _: replicated,
-    is_leaf=lambda x: isinstance(x, NamedSharding),
+    is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)),
   )
   state_shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
   abstract = {
