@@ -70,6 +70,28 @@ class SequenceMixer(nnx.Module):
     self.param_dtype = param_dtype
     self.dropout = nnx.Dropout(dropout_rate, rngs=rngs if dropout_rate > 0 else None)
 
+  def check_positive_int(self, name: str, value) -> None:
+    """A ConfigError naming the mixer and kwarg `name` unless `value` is an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ConfigError(
+        f"mixer {self.registered_name!r}: {name}={value!r} must be a positive integer.",
+        argument=f"attention_kwargs.{name}",
+      )
+
+  def resolve_bidirectional(self, bidirectional: bool | None) -> bool:
+    """None -> not causal; bidirectional=True with causal=True is a ConfigError (the backward
+    pass reads later inputs)."""
+    if bidirectional is None:
+      return not self.causal
+    if self.causal and bidirectional:
+      raise ConfigError(
+        f"mixer {self.registered_name!r} cannot be causal and bidirectional (causal=True "
+        "with bidirectional=True): the backward pass reads later inputs. Leave bidirectional "
+        "unset (it defaults to not causal) or set it False.",
+        argument="attention_kwargs.bidirectional",
+      )
+    return bool(bidirectional)
+
   def mix(self, x: jax.Array, *, mask: jax.Array | None, deterministic: bool) -> jax.Array:
     """[batch, length, in_features] -> the same shape; padding (mask False) influences nothing."""
     raise NotImplementedError

@@ -24,17 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers.errors import ConfigError
 from efficient_transformers.mixers import registry
 from efficient_transformers.mixers.base import SequenceMixer
-
-
-def _check_positive_int(name: str, value) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ConfigError(
-      f"mixer 'conv': {name}={value!r} must be a positive integer.",
-      argument=f"attention_kwargs.{name}",
-    )
 
 
 def conv_padding(kernel_size: int, dilation: int, causal: bool) -> tuple[int, int]:
@@ -61,32 +52,16 @@ class ConvMixer(SequenceMixer):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    position: str | None = None,
-    rngs: nnx.Rngs,
-    dtype=None,
-    param_dtype=jnp.float32,
     kernel_size: int = 3,
     dilation: int = 1,
     gated: bool = False,
+    **common,
   ):
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      position=position,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
-    _check_positive_int("kernel_size", kernel_size)
-    _check_positive_int("dilation", dilation)
+    super().__init__(**common)
+    in_features, causal, rngs = self.in_features, self.causal, common["rngs"]
+    dtype, param_dtype = self.dtype, self.param_dtype
+    self.check_positive_int("kernel_size", kernel_size)
+    self.check_positive_int("dilation", dilation)
     self.kernel_size = kernel_size
     self.dilation = dilation
     self.gated = bool(gated)

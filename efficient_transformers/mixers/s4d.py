@@ -134,51 +134,23 @@ class S4DMixer(SequenceMixer):
   def __init__(
     self,
     *,
-    in_features: int,
-    num_heads: int,
-    head_dim: int,
-    dropout_rate: float = 0.0,
-    causal: bool = False,
-    position: str | None = None,
-    rngs: nnx.Rngs,
-    dtype=None,
-    param_dtype=jnp.float32,
     state_size: int = 64,
     dt_min: float = 0.001,
     dt_max: float = 0.1,
     bidirectional: bool | None = None,
+    **common,
   ):
-    super().__init__(
-      in_features=in_features,
-      num_heads=num_heads,
-      head_dim=head_dim,
-      dropout_rate=dropout_rate,
-      causal=causal,
-      position=position,
-      rngs=rngs,
-      dtype=dtype,
-      param_dtype=param_dtype,
-    )
-    if isinstance(state_size, bool) or not isinstance(state_size, int) or state_size < 1:
-      raise ConfigError(
-        f"mixer 's4d': state_size={state_size!r} must be a positive integer.",
-        argument="attention_kwargs.state_size",
-      )
+    super().__init__(**common)
+    in_features, rngs = self.in_features, common["rngs"]
+    dtype, param_dtype = self.dtype, self.param_dtype
+    self.check_positive_int("state_size", state_size)
     if not (0 < dt_min <= dt_max):
       raise ConfigError(
         f"mixer 's4d': need 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}.",
         argument="attention_kwargs.dt_min",
       )
-    if bidirectional is None:
-      bidirectional = not causal
-    if causal and bidirectional:
-      raise ConfigError(
-        "mixer 's4d': bidirectional=True reads later tokens, so it cannot be causal "
-        "(causal=True); drop bidirectional (it defaults to not causal) or set it False.",
-        argument="attention_kwargs.bidirectional",
-      )
     self.state_size = state_size
-    self.bidirectional = bool(bidirectional)
+    self.bidirectional = self.resolve_bidirectional(bidirectional)
     self.supports_step = not self.bidirectional
     h, n = in_features, state_size
     channels = 2 if self.bidirectional else 1

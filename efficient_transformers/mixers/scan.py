@@ -84,14 +84,6 @@ def linear_recurrence(a: jax.Array, b: jax.Array, *, reverse: bool = False) -> j
   return h
 
 
-def _check_positive_int(mixer: str, name: str, value) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ConfigError(
-      f"mixer {mixer!r}: {name} must be a positive integer, got {value!r}.",
-      argument=f"attention_kwargs.{name}",
-    )
-
-
 class _DiagonalRecurrence(SequenceMixer):
   """The shared forward pass, padding rule, bidirectional form and decoding.
 
@@ -101,19 +93,10 @@ class _DiagonalRecurrence(SequenceMixer):
 
   supports_step = True  # the unidirectional form; an instance says so for itself
 
-  def _setup(self, *, state_size: int, bidirectional: bool | None, causal: bool) -> None:
-    _check_positive_int(self.registered_name, "state_size", state_size)
-    if bidirectional is None:
-      bidirectional = not causal
-    if causal and bidirectional:
-      raise ConfigError(
-        f"mixer {self.registered_name!r} cannot be causal and bidirectional "
-        "(causal=True with bidirectional=True): the backward recurrence reads later "
-        "inputs. Set bidirectional=False (or leave it unset) for a causal model.",
-        argument="attention_kwargs.bidirectional",
-      )
+  def _setup(self, *, state_size: int, bidirectional: bool | None) -> None:
+    self.check_positive_int("state_size", state_size)
     self.state_size = state_size
-    self.bidirectional = bool(bidirectional)
+    self.bidirectional = self.resolve_bidirectional(bidirectional)
     self.supports_step = not self.bidirectional
 
   def _output_params(self, key: jax.Array, std: float, basis: jax.Array | None = None) -> None:
@@ -221,7 +204,7 @@ class LRUMixer(_DiagonalRecurrence):
     **common,
   ):
     super().__init__(rngs=rngs, **common)
-    self._setup(state_size=state_size, bidirectional=bidirectional, causal=self.causal)
+    self._setup(state_size=state_size, bidirectional=bidirectional)
     if not 0.0 <= r_min < r_max <= 1.0:
       raise ConfigError(
         f"mixer 'lru' needs 0 <= r_min < r_max <= 1, got r_min={r_min!r}, r_max={r_max!r}.",
@@ -297,7 +280,7 @@ class S5Mixer(_DiagonalRecurrence):
     **common,
   ):
     super().__init__(rngs=rngs, **common)
-    self._setup(state_size=state_size, bidirectional=bidirectional, causal=self.causal)
+    self._setup(state_size=state_size, bidirectional=bidirectional)
     if not 0.0 < dt_min <= dt_max:
       raise ConfigError(
         f"mixer 's5' needs 0 < dt_min <= dt_max, got dt_min={dt_min!r}, dt_max={dt_max!r}.",
