@@ -22,7 +22,12 @@ needs an additive bias). A causal baseline mixer (`mixers.available(causal=True)
 lstm, gru, conv, s4d, ...) takes the attention's place with memory=none. Its
 keyword arguments are in config.model.attention_kwargs (the smoke sizes in the smoke config).
 Positions (`config.model.positional`): the memory's own by default (relative
-for Transformer-XL with softmax, rope with another attention).
+for Transformer-XL with softmax, rope with another attention; sinusoidal with
+memory=none, none with a baseline mixer).
+
+Decoding token by token with O(1) state (`DecoderLM.decode_step` / `decode`):
+memory=none with a mixer or attention that has a recurrent form (lstm, gru,
+s4d, lru, s5, linear, performer) and positional none, sinusoidal or rope.
 
 Data (`corpus=`): `stdlib` (default) is built offline, deterministically, from
 this Python's standard-library sources into data_dir on first use; `enwik8`
@@ -164,7 +169,9 @@ def _default_positional(memory: str, attention_name: str) -> str:
   if memory == "rmt":
     return "sinusoidal"
   if memory == "none":
-    return "sinusoidal"
+    # A baseline mixer is position-aware by construction: no positions, so decoding
+    # token by token (DecoderLM.decode_step) goes on past the training segment.
+    return "sinusoidal" if mixing.is_attention(attention_name) else "none"
   if attention_name == "softmax":
     return "relative"
   return "rope" if mixing.get_class(attention_name).supports_rope else "none"

@@ -66,6 +66,9 @@ class MultiHeadAttention(nnx.Module):
     supports_relative: `position="relative"` works (Transformer-XL's relative
       positions with u and v biases, `attention.relative`; causal only).
     supports_bias: the call takes `bias`, an additive logit term.
+    supports_step: `init_state(batch_size)` and `step(x_t, state) -> (y_t, state)`
+      decode one token at a time with O(1) state, equal to the causal full pass
+      (the kernelized attentions' RNN form, `linear.KernelizedAttention`).
     context_queries: with a context, the kernel takes x's queries against the
       [context; x] keys directly (query i at key position context_length + i).
       Every other variant takes a context too: it runs its own self-attention
@@ -86,6 +89,7 @@ class MultiHeadAttention(nnx.Module):
   supports_alibi: bool = False
   supports_relative: bool = False
   supports_bias: bool = False
+  supports_step: bool = False
   context_queries: bool = False
 
   def __init__(

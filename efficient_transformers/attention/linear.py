@@ -28,6 +28,7 @@ from efficient_transformers.attention.base import MultiHeadAttention, defaults_o
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_positive_int
+from efficient_transformers.errors import ConfigError
 
 _F32 = jnp.float32
 
@@ -121,6 +122,93 @@ def linear_attention_from_features(
   return masking.zero_padded_queries(out, mask)
 
 
+def linear_attention_step(
+  phi_q: jax.Array, phi_k: jax.Array, v: jax.Array, state: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """One token of causal linear attention in its RNN form (Katharopoulos et al., eq. 16-20).
+
+      S_i = S_{i-1} + phi(k_i) v_i^T,  z_i = z_{i-1} + phi(k_i),
+      out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i)
+
+  The state is O(1) in the sequence length; token by token this equals
+  `linear_attention_from_features(..., causal=True)`.
+
+  Args:
+    phi_q, phi_k: [batch, heads, num_features] the token's query and key features.
+    v: [batch, heads, head_dim].
+    state: (S [batch, heads, num_features, head_dim], z [batch, heads, num_features])
+      float32, zeros before the first token.
+
+  Returns:
+    (out [batch, heads, head_dim] float32 (zeros where no key has weight), new state).
+  """
+  phi_q, phi_k, v = (x.astype(_F32) for x in (phi_q, phi_k, v))
+  kv, k_sum = state
+  kv = kv + jnp.einsum("bhm,bhd->bhmd", phi_k, v)
+  k_sum = k_sum + phi_k
+  num = jnp.einsum("bhm,bhmd->bhd", phi_q, kv)
+  den = jnp.einsum("bhm,bhm->bh", phi_q, k_sum)
+  seen = den > 0
+  out = jnp.where(seen[..., None], num / jnp.where(seen, den, 1.0)[..., None], 0.0)
+  return out, (kv, k_sum)
+
+
+class KernelizedAttention(MultiHeadAttention):
+  """A linear attention over feature maps phi(q), phi(k): decodes token by token.
+
+  Subclasses implement `feature_maps(q, k)` (the causal form's features) and
+  `num_state_features`. `init_state(batch_size)` and `step(x_t, state)` run the
+  RNN form (`linear_attention_step`) with O(1) state per layer, equal to the
+  causal full pass token by token; RoPE rotates each token at its position,
+  which the state counts.
+  """
+
+  supports_step = True
+
+  @property
+  def num_state_features(self) -> int:
+    raise NotImplementedError
+
+  def feature_maps(self, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """phi(q), phi(k) [batch, length, heads, num_features] of the causal form."""
+    raise NotImplementedError
+
+  def _check_step(self) -> None:
+    if not self.causal:
+      name = getattr(type(self), "registered_name", type(self).__name__)
+      raise ConfigError(
+        f"attention {name!r} decodes token by token only when causal=True.", argument="causal"
+      )
+
+  def init_state(self, batch_size: int) -> dict:
+    """The empty state: sums S [batch, heads, m, head_dim], z [batch, heads, m], position 0."""
+    self._check_step()
+    shape = (batch_size, self.num_heads, self.num_state_features)
+    return {
+      "kv": jnp.zeros((*shape, self.head_dim), _F32),
+      "k": jnp.zeros(shape, _F32),
+      "position": jnp.zeros((), jnp.int32),
+    }
+
+  def step(self, x_t: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+    """One token: x_t [batch, in_features] -> (y_t [batch, in_features], new state).
+
+    No dropout: `step` is for decoding, where the model is deterministic.
+    """
+    self._check_step()
+    x = x_t[:, None]
+    position = state["position"]
+    q = self.rotate(self.query(x), offset=position)
+    k = self.rotate(self.key(x), offset=position)
+    v = self.value(x)
+    phi_q, phi_k = self.feature_maps(q, k)
+    out, (kv, k_sum) = linear_attention_step(
+      phi_q[:, 0], phi_k[:, 0], v[:, 0], (state["kv"], state["k"])
+    )
+    y = self.out(out[:, None].astype(q.dtype))[:, 0]
+    return y, {"kv": kv, "k": k_sum, "position": position + 1}
+
+
 def elu_feature_map(x: jax.Array) -> jax.Array:
   """phi(x) = elu(x) + 1 > 0, in float32 (Katharopoulos et al., eq. 7)."""
   return jax.nn.elu(x.astype(_F32)) + 1.0
@@ -165,7 +253,7 @@ _DEFAULTS = defaults_of(linear_attention)
 
 
 @register("linear")
-class LinearAttention(MultiHeadAttention):
+class LinearAttention(KernelizedAttention):
   """Multi-head linear attention (elu + 1 features), O(L) time and memory.
 
   Variant kwargs:
@@ -182,6 +270,13 @@ class LinearAttention(MultiHeadAttention):
     check_positive_int("linear", "chunk_size", chunk_size)
     super().__init__(**common)
     self.chunk_size = chunk_size
+
+  @property
+  def num_state_features(self) -> int:
+    return self.head_dim
+
+  def feature_maps(self, q, k):
+    return elu_feature_map(q), elu_feature_map(k)
 
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic

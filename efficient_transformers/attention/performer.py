@@ -39,8 +39,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient_transformers.attention import masking
-from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
+from efficient_transformers.attention.base import defaults_of
 from efficient_transformers.attention.linear import (
+  KernelizedAttention,
   check_positive_int,
   linear_attention_from_features,
 )
@@ -197,7 +198,7 @@ _DEFAULTS = defaults_of(performer_attention, draw_random_features)
 
 
 @register("performer")
-class PerformerAttention(MultiHeadAttention):
+class PerformerAttention(KernelizedAttention):
   """Multi-head FAVOR+ attention with non-trainable random features.
 
   Variant kwargs:
@@ -231,6 +232,15 @@ class PerformerAttention(MultiHeadAttention):
   def redraw_features(self, key: jax.Array) -> None:
     """Replaces the random features with a fresh draw from `key`."""
     self.features[...] = self._draw(key)
+
+  @property
+  def num_state_features(self) -> int:
+    return self.num_features
+
+  def feature_maps(self, q, k):
+    # The causal form's stabilizers depend on each token alone, so a token's
+    # features are the same decoded one at a time as in the full pass.
+    return performer_feature_maps(q, k, self.features[...], causal=True, kernel=self.kernel)
 
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic

@@ -1,4 +1,4 @@
-"""Speed and memory of every attention variant, LRA Table 2 protocol.
+"""Speed and memory of every attention variant and baseline mixer, LRA Table 2 protocol.
 
 The model is LRA's byte-level Text classifier (4 layers, 256 wide, 4 heads,
 qkv 256, MLP 1024, 257-token vocabulary), one step being forward + backward
@@ -32,10 +32,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from efficient_transformers import attention, paths
+from efficient_transformers import paths
 from efficient_transformers.benchmarks import report
 from efficient_transformers.errors import UserError
-from efficient_transformers.models import EncoderClassifier
+from efficient_transformers.models import EncoderClassifier, mixing
 
 # LRA's byte-level Text model (LRA_REFERENCE.md, Table 2 protocol).
 TEXT_MODEL = dict(num_layers=4, emb_dim=256, num_heads=4, qkv_dim=256, mlp_dim=1024)
@@ -67,9 +67,10 @@ GROWTH_TARGET_4K_TO_16K = 4.5
 
 def _variant_kwargs(name: str, length: int) -> dict:
   kwargs = dict(BENCH_KWARGS.get(name, {}))
-  if "max_length" in attention.registry.variant_kwargs(name):
+  declared = mixing.variant_kwargs(name)
+  if "max_length" in declared:
     kwargs["max_length"] = length
-  return {k: v for k, v in kwargs.items() if k in attention.registry.variant_kwargs(name)}
+  return {k: v for k, v in kwargs.items() if k in declared}
 
 
 def _create(name: str, length: int, dtype, num_layers: int) -> EncoderClassifier:
@@ -262,7 +263,11 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
 @report.one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--attentions", default=",".join(attention.available()))
+  parser.add_argument(
+    "--attentions",
+    default=",".join(mixing.available()),
+    help="attentions and baseline mixers (lstm, gru, conv, s4d, lru, s5); default: all",
+  )
   parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
   parser.add_argument("--batch", type=int, default=32, help="LRA used 32.")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -271,6 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--time_max_length", type=int, default=4096, help="time only up to this length"
   )
   parser.add_argument("--num_layers", type=int, default=4, help="LRA: 4 (fewer for quick checks)")
+  parser.add_argument(
+    "--memory_limit_mib",
+    type=float,
+    default=None,
+    help="do not time a cell whose compiled step needs more (e.g. the machine's RAM)",
+  )
   report.add_out_flag(parser, "attention.md, attention.csv and attention.png")
   parser.add_argument(
     "--dry_run",
@@ -281,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   out = report.prepare_out(args.out)  # Checked now, not after hours of measuring.
   names = [n.strip() for n in args.attentions.split(",") if n.strip()]
   for n in names:
-    attention.get_class(n)
+    mixing.get_class(n)
   if "softmax" not in names:
     names.insert(0, "softmax")  # The reference every ratio needs.
   lengths = report.positive_ints(args.lengths, "--lengths")
@@ -303,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         time_it=length <= args.time_max_length,
         num_layers=args.num_layers,
+        memory_limit_mib=args.memory_limit_mib,
       )
       print(row, file=sys.stderr, flush=True)
       rows.append(row)

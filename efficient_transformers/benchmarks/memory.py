@@ -100,8 +100,9 @@ FOOTPRINT_NOTES = (
 )
 
 
-def build_model(memory: str, sizes: dict, *, segment_length: int, **memory_kwargs) -> DecoderLM:
-  """A DecoderLM without dropout; `sizes` has num_layers, emb_dim, num_heads, mlp_dim."""
+def build_model(memory: str, sizes: dict, *, segment_length: int, **options) -> DecoderLM:
+  """A DecoderLM without dropout; `sizes` has num_layers, emb_dim, num_heads, mlp_dim;
+  `options` are further DecoderLM kwargs (the memory's sizes, the attention)."""
   return DecoderLM(
     vocab_size=VOCAB,
     num_layers=sizes["num_layers"],
@@ -114,7 +115,7 @@ def build_model(memory: str, sizes: dict, *, segment_length: int, **memory_kwarg
     attention_dropout_rate=0.0,
     memory=memory,
     rngs=nnx.Rngs(0),
-    **memory_kwargs,
+    **options,
   )
 
 
@@ -165,7 +166,7 @@ def median_seconds(compiled, args: tuple, steps: int) -> float:
   return statistics.median(times)
 
 
-def _ids(rng: np.random.Generator, batch: int, length: int) -> jax.Array:
+def random_ids(rng: np.random.Generator, batch: int, length: int) -> jax.Array:
   return jnp.asarray(rng.integers(1, VOCAB, size=(batch, length)), jnp.int32)
 
 
@@ -186,12 +187,12 @@ def speed_rows(
   rng = np.random.default_rng(0)
   rows = []
   for context in contexts:
-    window = _ids(rng, batch, context)
+    window = random_ids(rng, batch, context)
     recompute = recompute_fn.lower(vanilla_state, window).compile()
     recompute_temp, recompute_mib = compiled_mib(recompute)
     recompute_s = median_seconds(recompute, (vanilla_state, window), steps)
 
-    segment = _ids(rng, batch, eval_segment)
+    segment = random_ids(rng, batch, eval_segment)
     memory = full_memory(xl, batch, context)
     step = cached.lower(xl_state, segment, memory).compile()
     cached_temp, cached_mib = compiled_mib(step)

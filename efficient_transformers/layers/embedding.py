@@ -28,6 +28,15 @@ def sinusoidal_table(length: int, features: int, *, max_timescale: float = 10_00
   return table
 
 
+def sinusoid_at(position: jax.Array, features: int, *, max_timescale: float = 10_000.0):
+  """Row `position` (a traced int scalar) of `sinusoidal_table`, [features] float32."""
+  half = features // 2
+  timescales = max_timescale ** (np.arange(half, dtype=np.float64) / max(half, 1))
+  angles = position.astype(jnp.float32) * jnp.asarray(1.0 / timescales, jnp.float32)
+  row = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)])
+  return jnp.pad(row, (0, features - 2 * half))
+
+
 class TokenEmbedding(nnx.Module):
   """Token embedding plus an optional positional encoding.
 
@@ -87,4 +96,20 @@ class TokenEmbedding(nnx.Module):
       x = x + self.positions[offset : offset + length][None].astype(x.dtype)
     elif self.positional == "axial":
       x = x + self.axial(length, offset=offset)[None].astype(x.dtype)
+    return x
+
+  def embed_at(self, ids: jax.Array, position: jax.Array) -> jax.Array:
+    """One token per row, token-by-token decoding: ids [batch] at `position` (a traced
+    int scalar) -> [batch, features]. Positions: sinusoidal (computed for any position),
+    or none of the embedding's (none, rope, alibi); a learned or axial table is a
+    ConfigError (it ends at max_length)."""
+    if self.positional in ("learned", "axial"):
+      raise ConfigError(
+        f"positional={self.positional!r} is a table of max_length={self.max_length} rows; "
+        "token-by-token decoding takes positional='sinusoidal', 'rope' or 'none'.",
+        argument="positional",
+      )
+    x = self.tokens(ids)
+    if self.positional == "sinusoidal":
+      x = x + sinusoid_at(position, self.features).astype(x.dtype)[None]
     return x

@@ -59,19 +59,27 @@ def rotate(
 
   Args:
     x: [batch, length, heads, head_dim], head_dim even.
-    offset: the position of x[:, 0].
+    offset: the position of x[:, 0]: an int, or a traced int32 scalar (token-by-token
+      decoding, where the position is part of the loop's state).
     at: instead of offset, the positions of x's rows (e.g. Longformer's global
       tokens), a sequence of ints of x's length.
     base: the wavelength base.
 
   Returns:
-    x rotated, in x's dtype (the angles are float32 constants).
+    x rotated, in x's dtype (the angles are float32: constants for an int offset,
+    computed in float32 for a traced one).
   """
   length, head_dim = x.shape[1], x.shape[-1]
-  where = np.arange(offset, offset + length) if at is None else np.asarray(at)
-  angles = rope_angles(where, head_dim, base)
-  cos = jnp.asarray(np.cos(angles), jnp.float32)[None, :, None, :]
-  sin = jnp.asarray(np.sin(angles), jnp.float32)[None, :, None, :]
+  if at is None and isinstance(offset, jax.Array):
+    inv_freq = rope_angles(np.ones(1), head_dim, base)[0]  # [head_dim / 2]
+    where = offset.astype(jnp.float32) + jnp.arange(length, dtype=jnp.float32)
+    angles = where[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+  else:
+    where = np.arange(offset, offset + length) if at is None else np.asarray(at)
+    angles = rope_angles(where, head_dim, base)
+    cos = jnp.asarray(np.cos(angles), jnp.float32)[None, :, None, :]
+    sin = jnp.asarray(np.sin(angles), jnp.float32)[None, :, None, :]
   first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
   return out.astype(x.dtype)

@@ -56,6 +56,7 @@ class _RecurrentMixer(SequenceMixer):
         argument="attention_kwargs.hidden_size",
       )
     rngs = common["rngs"]
+    self.supports_step = self.causal  # The bidirectional form reads the whole sequence.
     self.hidden_size = hidden_size or self.in_features
     # The carry is passed in explicitly (zeros), so the RNNs hold no carry RNG stream:
     # a call then mutates no state.

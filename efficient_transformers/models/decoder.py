@@ -34,6 +34,8 @@ from efficient_transformers.memory import reset_memory, truncated_bptt
 from efficient_transformers.models.stack import Stack
 
 MEMORY_KINDS = ("none", "transformer_xl", "compressive", "rmt")
+# The position schemes token-by-token decoding computes at any position.
+DECODE_POSITIONALS = ("none", "sinusoidal", "rope")
 # Each memory kind's own position scheme (the default of `positional`).
 POSITIONAL = {
   "none": "sinusoidal",
@@ -233,6 +235,47 @@ class DecoderLM(nnx.Module):
       x, memory, mask=mask, reset=reset, deterministic=deterministic
     )
     return self.head(y).astype(jnp.float32), new_memory, aux
+
+  def init_decode_state(self, batch_size: int) -> dict:
+    """The empty state of token-by-token decoding (`decode_step`, `decode`).
+
+    memory='none' with a mixer or attention that has a recurrent form
+    (lstm, gru, s4d, lru, s5 and the causal linear and performer attentions):
+    the state is O(1) in the context length. A ConfigError names the setting
+    otherwise.
+    """
+    if self.memory_kind == "none" and self.positional not in DECODE_POSITIONALS:
+      raise ConfigError(
+        f"positional={self.positional!r}: token-by-token decoding takes "
+        f"{', '.join(DECODE_POSITIONALS)}.",
+        argument="positional",
+      )
+    return {"position": jnp.zeros((), jnp.int32), "layers": self.stack.init_state(batch_size)}
+
+  def decode_step(self, ids_t: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+    """One token per row: ids_t [batch] -> (next-token logits [batch, vocab] float32, state).
+
+    Padding (id 0) leaves a row's state as it was. Positions count from the state's
+    start and, unlike segments, never restart: decoding a segment from a fresh state
+    equals `__call__` on it (tested), and goes on past `segment_length`.
+    """
+    x = self.embed.embed_at(ids_t, state["position"])
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    y, layers = self.stack.step(x, state["layers"], real=ids_t != 0)
+    logits = self.head(y).astype(jnp.float32)
+    return logits, {"position": state["position"] + 1, "layers": layers}
+
+  def decode(self, ids: jax.Array, state: dict) -> tuple[jax.Array, dict]:
+    """`decode_step` over ids [batch, length], one `lax.scan`: (logits [batch, length,
+    vocab], the state after the last token). Memory is O(1) in length besides the logits."""
+
+    def body(state, ids_t):
+      logits, state = self.decode_step(ids_t, state)
+      return state, logits
+
+    state, logits = jax.lax.scan(body, state, jnp.swapaxes(ids, 0, 1))
+    return jnp.swapaxes(logits, 0, 1), state
 
   def run(
     self,

@@ -111,6 +111,23 @@ class Block(nnx.Module):
     x = x + self.dropout(h, deterministic=deterministic)
     return constrain(x, ACTIVATION_AXES)
 
+  def init_state(self, batch_size: int):
+    """The mixer's empty decoding state (`step`)."""
+    return self.attention.init_state(batch_size)
+
+  def step(self, x_t: jax.Array, state, *, real: jax.Array | None = None):
+    """One token through the block, deterministically: x_t [batch, features] -> (y_t, state).
+
+    Rows where `real` [batch] is False (padding) keep their state, as the full
+    pass does not update a recurrence at padding.
+    """
+    h, new_state = self.attention.step(self.attention_norm(x_t), state)
+    x = x_t + h
+    x = x + self.mlp(self.mlp_norm(x), deterministic=True)
+    if real is not None:
+      new_state = jax.tree.map(lambda new, old: _keep_where(real, new, old), new_state, state)
+    return x, new_state
+
   def attention_branch(
     self, x: jax.Array, *, mask: jax.Array | None = None, deterministic: bool = True
   ) -> jax.Array:
@@ -212,6 +229,7 @@ class Stack(nnx.Module):
       memory=memory,
     )
     self.causal = causal
+    self.attention_name = attention_name
     self.num_layers = num_layers
     self.reversible = reversible
     self.scan_layers = scan_layers
@@ -314,6 +332,59 @@ class Stack(nnx.Module):
       g_aux.append(_reseeded(graphdef, block_params, rest, jax.random.fold_in(key, 1)))
     y1, y2 = reversible_sequence(f, g, params, f_aux, g_aux, x, x, recompute=recompute)
     return constrain((y1 + y2) / 2, ACTIVATION_AXES)
+
+  def check_step(self) -> None:
+    """A ConfigError naming the setting unless this stack decodes token by token (`step`)."""
+    if self.memory_kind != "none":
+      raise ConfigError(
+        f"memory={self.memory_kind!r} decodes through its memory, one-token segments at a "
+        "time (DecoderLM.run(..., segment_length=1)); token-by-token `step` is for "
+        "memory='none' with a recurrent mixer.",
+        argument="memory",
+      )
+    for name, value, default in (
+      ("reversible", self.reversible, False),
+      ("scan_layers", self.scan_layers, False),
+    ):
+      if value != default:
+        raise ConfigError(
+          f"{name}={value!r}: token-by-token decoding runs the plain stack; "
+          f"set {name}={default!r}.",
+          argument=name,
+        )
+    if self.num_layers and not self.blocks[0].attention.supports_step:
+      stepping = [n for n in mixing.available(causal=True) if mixing.get_class(n).supports_step]
+      raise ConfigError(
+        f"{self.attention_name!r} has no token-by-token form with these settings (its "
+        "state would grow with the context, or it reads later tokens); the causal ones "
+        f"with one: {', '.join(stepping)}.",
+        argument="attention_name",
+      )
+
+  def init_state(self, batch_size: int) -> list:
+    """The empty decoding state: one per layer, each O(1) in the sequence length."""
+    self.check_step()
+    every = self.share_every
+    return [self.blocks[i // every].init_state(batch_size) for i in range(self.num_layers)]
+
+  def step(self, x_t: jax.Array, state: list, *, real: jax.Array | None = None):
+    """One token through every layer and the final LayerNorm, deterministically.
+
+    Args:
+      x_t: [batch, features].
+      state: from `init_state` or the previous step.
+      real: [batch] bool; False rows (padding) keep their state.
+
+    Returns:
+      (y_t [batch, features], the new state). Token by token this equals
+      `__call__` over the sequence (tested per mixer).
+    """
+    self.check_step()
+    new_state = []
+    for i in range(self.num_layers):
+      x_t, layer_state = self.blocks[i // self.share_every].step(x_t, state[i], real=real)
+      new_state.append(layer_state)
+    return self.final_norm(x_t), new_state
 
   def init_memory(self, batch_size: int, **lengths) -> dict:
     """The memory's empty state ({} without one); `lengths` override the
@@ -478,6 +549,13 @@ def _scan_layers(blocks: Block, x: jax.Array, mask, apply, *, every: int) -> jax
     return repeated(block, x)
 
   return outer(blocks, x)
+
+
+def _keep_where(real: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+  """`new` in rows where real [batch] is True, else `old` (leaves without a batch axis: new)."""
+  if new.ndim == 0:
+    return new
+  return jnp.where(real.reshape(real.shape + (1,) * (new.ndim - 1)), new, old)
 
 
 def _reseeded(graphdef, params, rest, key) -> nnx.State:
