@@ -12,6 +12,31 @@ paper gives no other): 1 layer, 128 wide, 8 heads, qkv 64, MLP 128, dropout
 256, 35,000 steps, Adam(0.9, 0.98, 1e-9) without weight decay, learning rate
 5e-4 with 175 warmup steps (one epoch) and cosine decay.
 
+With attention=s4d, s5 or lru (full config) the defaults are that paper's (grayscale)
+CIFAR-10 settings instead (table and sources: config_lib.PUBLISHED_MIXER_SETTINGS), mean
+pooling, no positions, AdamW(0.9, 0.999, 1e-8), warmup then cosine decay, the SSM group at
+its own rate without weight decay, an evaluation per epoch (900 steps of batch 50):
+  s4d: S4D paper (Gu et al. 2022), state-spaces/s4 v3.0.0 configs/experiment/lra/
+    s4-lra-cifar.yaml: 6 layers, 512 wide, d_state 64 (state_size 32), dropout 0.1, batch 50,
+    200 epochs, lr 0.01, A's lr 0.001, weight decay 0.05, warmup 1,000, bidirectional.
+  s5: S5 paper (Smith et al. 2023) Table 11, lindermanlab/S5 bin/run_experiments/
+    run_lra_cifar.sh: 6 layers, 512 wide, P 384, dropout 0.1, batch 50, 250 epochs, lr 0.0045
+    (4.5 x 0.001), SSM lr 0.001, weight decay 0.07, warmup 1 epoch, bidirectional.
+  lru: LRU paper (Orvieto et al. 2023) App. D, values as in the reimplementation jhuang265/s4
+    configs/experiment/lra/lru-cifar.yaml (the paper's table unchecked; the paper itself used
+    color CIFAR): 6 layers, 512 wide, N 384, r in [0.9, 0.999], phase in [0, 2 pi], dropout
+    0.1, batch 50, 200 epochs, lr 0.005, x 0.25 for nu/theta/gamma, weight decay 0.05, warmup
+    18,000; bidirectional is our choice.
+Not as the papers (our block and head are kept): pre-LayerNorm residual blocks (theirs:
+S4D post-LayerNorm, S5 and LRU BatchNorm), an MLP of width 512 after the mixer where they
+have a GLU output layer (s4d's mixer has its GLU too), a Linear-ReLU-Linear head 512 wide
+(theirs: one Linear), gray levels embedded as tokens (theirs: a Linear of the pixel value),
+dropout not tied across the sequence (S4D's and LRU's tie_dropout), none on the mixer output
+beyond the residual's; s4d: S4D-Lin init, one A per channel (theirs: n_ssm 2), dt at A's
+rate (theirs: the global one), 180,000 steps where its cosine spans 200,000; s5: one HiPPO
+block of P (theirs: J = 3 blocks); s5, lru: the norms (and lru's B) at the global rate
+(theirs: in the SSM group).
+
 Pixels: RGB to gray as tf.image.rgb_to_grayscale does (0.2989 R + 0.5870 G +
 0.1140 B, the original pipeline's conversion), row-major, gray level v as
 token v + 1 (0 = padding).

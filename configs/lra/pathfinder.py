@@ -26,6 +26,31 @@ wide as the model's (32). The code's per-model configs differ from one another
 heads; its Linformer 1 layer and 2 heads); we keep one setting for every
 attention so that only the attention differs.
 
+With attention=s4d, s5 or lru (full config, resolution 32) the defaults are that paper's
+Pathfinder settings instead (table and sources: config_lib.PUBLISHED_MIXER_SETTINGS), mean
+pooling, no positions, AdamW(0.9, 0.999, 1e-8), warmup then cosine decay, the SSM group at
+its own rate without weight decay, an evaluation per epoch (2,500 steps of batch 64), 200
+epochs (500,000 steps):
+  s4d: S4D paper (Gu et al. 2022), state-spaces/s4 v3.0.0 configs/experiment/lra/
+    s4-lra-pathfinder.yaml: 6 layers, 256 wide, d_state 64 (state_size 32), dropout 0,
+    lr 0.004, SSM lr 0.001, weight decay 0.03, warmup 2,500 (1 epoch), bidirectional.
+  s5: S5 paper (Smith et al. 2023) Table 11, lindermanlab/S5 bin/run_experiments/
+    run_lra_pathfinder.sh: 6 layers, 192 wide, P 256, dropout 0.05, lr 0.0045 (5 x 0.0009),
+    SSM lr 0.0009, weight decay 0.03, warmup 1 epoch, bidirectional.
+  lru: LRU paper (Orvieto et al. 2023) App. D, values as in the reimplementation jhuang265/s4
+    configs/experiment/lra/lru-pathfinder.yaml (the paper's table unchecked): 6 layers, 192
+    wide, N 256, r in [0.9, 0.999], phase in [0, 2 pi], dropout 0, lr 0.004, x 0.25 for
+    nu/theta/gamma, weight decay 0.05, warmup 50,000; bidirectional is our choice.
+Not as the papers (our block and head are kept): pre-LayerNorm residual blocks (theirs:
+pre-BatchNorm), an MLP as wide as the model after the mixer where they have a GLU output
+layer (s4d's mixer has its GLU too), a Linear-ReLU-Linear head as wide as the model (theirs:
+one Linear), pixels embedded as tokens (theirs: a Linear of the pixel value), no dropout on
+the mixer output beyond the residual's; s4d: S4D-Lin init, mean pooling where that config
+reads the last position; s5: one HiPPO block of P (theirs: J = 8 blocks), B at the global
+rate with weight decay (its opt_config=standard puts B in the SSM group), Re(Lambda)
+always clipped (theirs: not); s5, lru: the norms (and lru's B) at the global rate (theirs:
+in the SSM group). At other resolutions the three mixers keep this file's settings.
+
 Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
 at a time with a recurrent memory: model kind "segmented"), resolution=32|64|128|256,
 difficulty=easy|intermediate|hard (curv_baseline, curv_contour_length_9,
