@@ -77,6 +77,15 @@ def test_train_eval_resume_and_damage_in_a_bucket(gcs, tmp_path):
   results = json.loads((workdir / "results.json").read_text())
   assert results["checkpoint"] == "best" and results["num_examples"] == 20
 
+  # The attention pictures, read from and written into the bucket.
+  pictures = f"gs://{BUCKET}/pictures/listops"
+  drawn = _run(
+    gcs, "-m", "efficient_transformers.visualize", *flags, f"--workdir={url}", f"--out={pictures}"
+  )
+  assert drawn.returncode == 0, drawn.stderr[-3000:]
+  drawn_names = {p.name for p in epath.Path(pictures).iterdir()}
+  assert {"layer0.png", "rollout.png", "tokens.png", "maps.npz"} <= drawn_names
+
   resumed = _run(gcs, "train.py", *flags, "--config.num_train_steps=6", f"--workdir={url}")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from {workdir} at step 4" in resumed.stderr

@@ -29,6 +29,8 @@ ALLOWED = {
   "training": UTILITIES | {"layers", "attention", "mixers", "memory", "models", "data"},
   "benchmarks": UTILITIES
   | {"layers", "attention", "mixers", "memory", "models", "data", "training"},
+  "visualize": UTILITIES
+  | {"layers", "attention", "mixers", "memory", "models", "data", "training"},
 }
 
 

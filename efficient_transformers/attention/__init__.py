@@ -5,11 +5,12 @@
     layer = attention.make("softmax", in_features=256, num_heads=4, head_dim=64,
                            rngs=nnx.Rngs(0))
     y = layer(x, mask=mask)          # y.shape == x.shape
+    weights = layer.attention_weights(x, mask=mask)   # [batch, heads, L, L], for inspection
 
-Importing this package registers every variant.
+Importing this package registers every variant (and its attention map, `maps`).
 """
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import available, get_class, make, register
 
@@ -37,6 +38,7 @@ from efficient_transformers.attention.linear import linear_attention
 from efficient_transformers.attention.linformer import linformer_attention
 from efficient_transformers.attention.local import local_attention, local_pattern
 from efficient_transformers.attention.longformer import longformer_attention, longformer_pattern
+from efficient_transformers.attention.maps import attention_weights
 from efficient_transformers.attention.memory_efficient import memory_efficient_attention
 from efficient_transformers.attention.nystromformer import nystromformer_attention
 from efficient_transformers.attention.performer import performer_attention
@@ -48,6 +50,7 @@ from efficient_transformers.attention.synthesizer import synthesizer_attention
 
 __all__ = [
   "MultiHeadAttention",
+  "attention_weights",
   "available",
   "bigbird",
   "bigbird_attention",
@@ -66,6 +69,7 @@ __all__ = [
   "longformer_attention",
   "longformer_pattern",
   "make",
+  "maps",
   "masking",
   "memory_efficient",
   "memory_efficient_attention",

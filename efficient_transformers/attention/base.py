@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers.attention import relative
+from efficient_transformers.attention import maps, relative
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.layers import positions
 from efficient_transformers.layers.partitioning import param_axes
@@ -213,7 +213,9 @@ class MultiHeadAttention(nnx.Module):
         context_length + length] (variants with `supports_bias`).
       deterministic: disables dropout.
     """
-    if context is None and bias is None and self.position_kind != "relative":
+    plain = context is None and bias is None and self.position_kind != "relative"
+    maps.record(self, x, mask, self_attention=plain)  # Only inside maps.capture().
+    if plain:
       return self._self_attention(x, mask=mask, deterministic=deterministic)
     name = getattr(type(self), "registered_name", type(self).__name__)
     if bias is not None and not self.supports_bias:
@@ -255,6 +257,27 @@ class MultiHeadAttention(nnx.Module):
       out = jnp.where(mask[:, :, None, None], out, jnp.zeros((), out.dtype))
     out = self.dropout(out, deterministic=deterministic)
     return self.out(out)
+
+  def attention_weights(
+    self, x: jax.Array, *, mask: jax.Array | None = None, max_length: int = maps.MAX_MAP_LENGTH
+  ) -> jax.Array:
+    """The map [batch, heads, L, L] of self-attention over x [batch, L, in_features].
+
+    With v = self.value(x), `self.out(maps.apply_weights(map, v))` is `self(x, mask=mask)`
+    (deterministic), up to float error. Quadratic by nature: for inspection at short
+    lengths, a ConfigError above `max_length` (see `attention.maps`).
+    """
+    name = getattr(type(self), "registered_name", type(self).__name__)
+    maps.check_map_length(name, x.shape[1], x.shape[1], max_length)
+    q, k = self.rotate(self.query(x)), self.rotate(self.key(x))
+    return maps.attention_weights(
+      name, q, k, mask=mask, causal=self.causal, max_length=max_length, **self.map_params()
+    )
+
+  def map_params(self) -> dict:
+    """The kwargs and parameters of this variant's map function (`maps.attention_weights`)
+    beyond q, k, mask and causal: its block sizes, random features, projections, ..."""
+    return {}
 
   def _self_attention(self, x, *, mask, deterministic):
     """Self-attention over x [batch, length, in_features] (variants may override it)."""

@@ -66,9 +66,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
-from efficient_transformers.attention.local import masked_exp_parts, masked_softmax, to_blocks
+from efficient_transformers.attention.local import (
+  masked_exp_parts,
+  masked_softmax,
+  pattern_attention_weights,
+  to_blocks,
+)
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import (
@@ -311,26 +316,105 @@ def bigbird_pattern(
   check_fits_sequence("bigbird", "block_size", block_size, kv_length)
   if not 0 <= real_length <= kv_length:
     raise ValueError(f"bigbird: real_length={real_length} must be in [0, {kv_length}].")
-  nb = -(-max(length, kv_length) // block_size)
-  real_blocks = int(_real_blocks(jnp.asarray(real_length), block_size))
-  ids = bigbird_key_blocks(
-    nb,
+  real_blocks = _real_blocks(jnp.asarray([real_length], jnp.int32), block_size)
+  dense = _dense_pattern(
+    real_blocks,
+    _as_key(layout_key),
+    q_length=length,
+    kv_length=kv_length,
     heads=heads,
+    block_size=block_size,
     num_window_blocks=num_window_blocks,
     num_global_blocks=num_global_blocks,
     num_random_blocks=num_random_blocks,
-    layout_key=layout_key,
-    real_blocks=real_blocks,
   )
-  blocks = np.zeros((heads, nb + 1, nb + 1), bool)  # index nb collects the -1 slots
-  h, i, _ = np.indices(ids.shape)
-  blocks[h, i, np.where(ids < 0, nb, ids)] = True
-  blocks = blocks[:, :nb, :nb]
-  blocks[:, _dense_rows(num_global_blocks, real_blocks)] = True  # dense global rows
-  dense = np.repeat(np.repeat(blocks, block_size, axis=1), block_size, axis=2)
-  dense = dense[:, :length, :kv_length]
+  dense = np.array(dense[0])
   dense[:, :, real_length:] = False
   return dense
+
+
+def _dense_pattern(
+  real_blocks: jax.Array,
+  key: jax.Array,
+  *,
+  q_length: int,
+  kv_length: int,
+  heads: int,
+  block_size: int,
+  num_window_blocks: int,
+  num_global_blocks: int,
+  num_random_blocks: int,
+) -> jax.Array:
+  """The pattern [batch, heads, q_length, kv_length] bool of sequences of `real_blocks`
+  [batch] real blocks: `bigbird_pattern` before padding is masked, traceable (O(L^2)).
+
+  Key block j is allowed for query block i when the kernel's layout (`_layout`) puts it
+  in i's window, global or random slots, and always for the dense global query blocks.
+  """
+  nb = -(-max(q_length, kv_length) // block_size)
+  lay = _layout(
+    real_blocks,
+    key,
+    num_blocks=nb,
+    heads=heads,
+    window=num_window_blocks,
+    globals_=num_global_blocks,
+    random=num_random_blocks,
+  )
+  blocks = jnp.arange(nb)
+  # One-hot over key blocks, then any over slots: [B, H, nb, nb] and [B, nb].
+  slots = ((lay.ids[..., None] == blocks) & lay.valid[..., None]).any(axis=-2)
+  glob = ((lay.global_ids[..., None] == blocks) & lay.global_valid[..., None]).any(axis=-2)
+  dense_rows = jnp.zeros((real_blocks.shape[0], nb), bool)
+  if num_global_blocks >= 1:
+    dense_rows = dense_rows | (blocks[None] == 0)
+  if num_global_blocks == 2:
+    dense_rows = dense_rows | (blocks[None] == (real_blocks - 1)[:, None])
+  pattern = slots | glob[:, None, None, :] | dense_rows[:, None, :, None]
+  pattern = jnp.repeat(jnp.repeat(pattern, block_size, axis=2), block_size, axis=3)
+  return pattern[:, :, :q_length, :kv_length]
+
+
+@maps.register_weights("bigbird")
+def bigbird_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  block_size: int = 64,
+  num_window_blocks: int = 3,
+  num_global_blocks: int = 2,
+  num_random_blocks: int = 3,
+  layout_key=0,
+) -> jax.Array:
+  """The map [batch, heads, q_len, kv_len] float32 of `bigbird_attention` (its arguments).
+
+  The masked softmax under each row's `bigbird_pattern` (the layout of its real length,
+  the random blocks drawn from `layout_key`, dense rows for the global query blocks) and
+  the key mask. Traceable (the mask and the key may be traced, as in the kernel). Rows
+  of padded queries and rows with no visible key are zeros. Quadratic by nature; for
+  inspection at short lengths (`attention.maps`).
+  """
+  maps.check_map_length("bigbird", q.shape[1], k.shape[1], max_length)
+  _check_params(block_size, num_window_blocks, num_global_blocks, num_random_blocks)
+  check_not_causal("bigbird", causal, _NOT_CAUSAL)
+  batch, q_length, heads = q.shape[:3]
+  kv_length = k.shape[1]
+  check_fits_sequence("bigbird", "block_size", block_size, kv_length)
+  keep = _dense_pattern(
+    _real_blocks(_real_lengths(mask, batch, kv_length), block_size),
+    _as_key(layout_key),
+    q_length=q_length,
+    kv_length=kv_length,
+    heads=heads,
+    block_size=block_size,
+    num_window_blocks=num_window_blocks,
+    num_global_blocks=num_global_blocks,
+    num_random_blocks=num_random_blocks,
+  )
+  return pattern_attention_weights(q, k, keep, mask=mask)
 
 
 def _per_row(x: jax.Array, ids: jax.Array) -> jax.Array:
@@ -547,3 +631,6 @@ class BigBirdAttention(MultiHeadAttention):
     return bigbird_attention(
       q, k, v, mask=mask, causal=self.causal, layout_key=self.layout_seed[...], **self._kwargs()
     )
+
+  def map_params(self) -> dict:
+    return dict(layout_key=self.layout_seed[...], **self._kwargs())

@@ -19,7 +19,7 @@ Padding differs between the two paths:
 import jax
 import jax.numpy as jnp
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking, softmax
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.registry import register
 from efficient_transformers.errors import ConfigError
@@ -198,6 +198,41 @@ def dot_product_attention(
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 
+@maps.register_weights("dot_product")
+def dot_product_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  implementation: str | None = None,
+  alibi_slopes: jax.Array | None = None,
+  q_offset: int = 0,
+  bias: jax.Array | None = None,
+) -> jax.Array:
+  """The map [batch, heads, q_len, kv_len] float32 of `dot_product_attention` (its arguments).
+
+  Exact attention: the softmax probabilities (`softmax.softmax_attention_weights`),
+  whichever kernel computes the output; `implementation` is checked, not used. On
+  "cudnn" the kernel reads the mask as right padding, and so equals this map for such
+  masks (see the module docstring). Quadratic by nature; for inspection at short
+  lengths (`attention.maps`).
+  """
+  maps.check_map_length("dot_product", q.shape[1], k.shape[1], max_length)
+  check_implementation(implementation)
+  return softmax.softmax_attention_weights(
+    q,
+    k,
+    mask=mask,
+    causal=causal,
+    max_length=max_length,
+    alibi_slopes=alibi_slopes,
+    q_offset=q_offset,
+    bias=bias,
+  )
+
+
 _DEFAULTS = defaults_of(dot_product_attention)
 
 
@@ -238,3 +273,6 @@ class DotProductAttention(MultiHeadAttention):
       q_offset=q_offset,
       bias=bias,
     )
+
+  def map_params(self) -> dict:
+    return {"implementation": self.implementation, "alibi_slopes": self.alibi_slopes()}

@@ -17,13 +17,17 @@ chunks: inside a chunk one explicit [chunk, chunk] causal product, across
 chunks a running state [heads, features, head_dim] carried by `lax.scan`.
 Cost per head: O(L m d) time; memory O(L chunk + L m d / chunk) with
 autodiff (the scan keeps one state per chunk), never L x L.
+
+`linear_attention_weights` (and `kernelized_attention_weights`, which Performer
+shares) builds the [L, L] map phi(q) phi(k)^T with normalised rows, for inspection
+at short lengths (`attention.maps`).
 """
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
@@ -120,6 +124,41 @@ def linear_attention_from_features(
   # The inner where keeps the gradient finite on rows that see no key.
   out = jnp.where(seen[..., None], num / jnp.where(seen, den, 1.0)[..., None], 0.0)
   return masking.zero_padded_queries(out, mask)
+
+
+def kernelized_attention_weights(
+  phi_q: jax.Array,
+  phi_k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+) -> jax.Array:
+  """The map of `linear_attention_from_features`: phi(q) phi(k)^T, each row normalised.
+
+  Quadratic by nature; for inspection at short lengths (`attention.maps`).
+
+  Args:
+    phi_q: [batch, q_length, heads, num_features], non-negative.
+    phi_k: [batch, kv_length, heads, num_features], non-negative.
+    mask: [batch, kv_length] bool, True = real token; or None.
+    causal: query i sees keys j <= i only.
+
+  Returns:
+    [batch, heads, q_length, kv_length] float32: row i is phi(q_i) phi(k_j) over the
+    visible real keys j divided by its sum; zero columns at padded (and, causal, later)
+    keys, zero rows at padded queries (self-attention) and where no key has weight.
+  """
+  phi_q, phi_k = phi_q.astype(_F32), phi_k.astype(_F32)
+  scores = jnp.einsum("bqhm,bkhm->bhqk", phi_q, phi_k)
+  keep = masking.logits_bias(mask, q_length=phi_q.shape[1], kv_length=phi_k.shape[1], causal=causal)
+  if keep is not None:
+    scores = jnp.where(keep, scores, 0.0)
+  den = scores.sum(axis=-1, keepdims=True)
+  seen = den > 0
+  weights = jnp.where(seen, scores / jnp.where(seen, den, 1.0), 0.0)
+  if mask is not None and phi_q.shape[1] == phi_k.shape[1]:
+    weights = jnp.where(mask[:, None, :, None], weights, 0.0)  # Padded query rows.
+  return weights
 
 
 def linear_attention_step(
@@ -249,6 +288,30 @@ def linear_attention(
   return out.astype(q.dtype)
 
 
+@maps.register_weights("linear")
+def linear_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  chunk_size: int = 64,
+) -> jax.Array:
+  """The map [batch, heads, q_len, kv_len] float32 of `linear_attention` (its arguments).
+
+  phi(q) phi(k)^T with phi(x) = elu(x) + 1, each row divided by its sum over the visible
+  real keys (`kernelized_attention_weights`). `chunk_size` only schedules the causal sums
+  and does not change the map. Quadratic by nature; for inspection at short lengths
+  (`attention.maps`).
+  """
+  maps.check_map_length("linear", q.shape[1], k.shape[1], max_length)
+  check_positive_int("linear", "chunk_size", chunk_size)
+  return kernelized_attention_weights(
+    elu_feature_map(q), elu_feature_map(k), mask=mask, causal=causal
+  )
+
+
 _DEFAULTS = defaults_of(linear_attention)
 
 
@@ -281,3 +344,6 @@ class LinearAttention(KernelizedAttention):
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic
     return linear_attention(q, k, v, mask=mask, causal=self.causal, chunk_size=self.chunk_size)
+
+  def map_params(self) -> dict:
+    return {"chunk_size": self.chunk_size}

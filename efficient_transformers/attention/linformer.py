@@ -20,13 +20,16 @@ k = L, E = F = identity exactly softmax attention, padding included.
 Not supported: causal attention (a length projection mixes future tokens into
 every slot), and sharing E, F across layers (a model-level concern: each
 module owns its projections).
+
+`linformer_attention_weights` builds the [L, L] map softmax(q (E^T k)^T) F^T over
+the original kv positions, for inspection at short lengths (`attention.maps`).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_not_causal, check_positive_int
@@ -51,6 +54,55 @@ def _used_slots(mask: jax.Array, proj: jax.Array) -> jax.Array:
   if proj.ndim == 2:
     return (jnp.einsum("bl,lk->bk", real, nonzero) > 0)[:, None, :]
   return jnp.einsum("bl,hlk->bhk", real, nonzero) > 0
+
+
+def _projections(
+  key_projection: jax.Array, value_projection: jax.Array | None, q: jax.Array, k: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """E and F (F = E if None), checked against q and k and cut to their first kv_length rows.
+
+  Raises:
+    ValueError: bad projection shapes; ConfigError: kv_length > max_length (E's rows).
+  """
+  e = key_projection
+  f = e if value_projection is None else value_projection
+  if e.ndim not in (2, 3) or e.shape != f.shape:
+    raise ValueError(
+      f"linformer: projections must be [max_length, k] or [heads, max_length, k], "
+      f"equal shapes; got {e.shape} and {f.shape}."
+    )
+  if e.ndim == 3 and e.shape[0] != q.shape[2]:
+    raise ValueError(f"linformer: per-head projections {e.shape} for {q.shape[2]} heads.")
+  kv_length, max_length = k.shape[1], e.shape[-2]
+  if kv_length > max_length:
+    raise ConfigError(
+      f"attention 'linformer': input length {kv_length} exceeds max_length={max_length}; "
+      "raise it to at least the sequence length.",
+      argument="attention_kwargs.max_length",
+    )
+  return e[..., :kv_length, :], f[..., :kv_length, :]
+
+
+def _slot_weights(
+  q: jax.Array, k: jax.Array, e: jax.Array, f: jax.Array, mask: jax.Array | None
+) -> jax.Array:
+  """softmax(q (E^T k)^T / sqrt(d)) over the projected slots: [batch, heads, q_len, proj].
+
+  Padded rows of k are zeroed before projecting; slots no real token reaches (through E or
+  F) are masked, and a row with none left is zero.
+  """
+  if mask is not None:
+    k = jnp.where(mask[:, :, None, None], k, jnp.zeros((), k.dtype))
+  k_proj = _project(k, e.astype(k.dtype))  # [batch, proj, heads, head_dim]
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k_proj) * scale
+  if mask is None:
+    return jax.nn.softmax(logits, axis=-1)
+  # [batch, heads or 1, 1, proj]: slots some real token contributes to.
+  keep = (_used_slots(mask, e) | _used_slots(mask, f))[:, :, None, :]
+  logits = jnp.where(keep, logits, masking.large_negative(_F32))
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.where(keep.any(axis=-1, keepdims=True), weights, 0.0)
 
 
 def linformer_attention(
@@ -83,41 +135,49 @@ def linformer_attention(
   """
   check_not_causal("linformer", causal, _NOT_CAUSAL)
   masking.check_qkv("linformer", q, k, v, mask)
-  e = key_projection
-  f = e if value_projection is None else value_projection
-  if e.ndim not in (2, 3) or e.shape != f.shape:
-    raise ValueError(
-      f"linformer: projections must be [max_length, k] or [heads, max_length, k], "
-      f"equal shapes; got {e.shape} and {f.shape}."
-    )
-  if e.ndim == 3 and e.shape[0] != q.shape[2]:
-    raise ValueError(f"linformer: per-head projections {e.shape} for {q.shape[2]} heads.")
-  kv_length, max_length = k.shape[1], e.shape[-2]
-  if kv_length > max_length:
-    raise ConfigError(
-      f"attention 'linformer': input length {kv_length} exceeds max_length={max_length}; "
-      "raise it to at least the sequence length.",
-      argument="attention_kwargs.max_length",
-    )
-  e, f = e[..., :kv_length, :], f[..., :kv_length, :]
+  e, f = _projections(key_projection, value_projection, q, k)
   if mask is not None:
-    real = mask[:, :, None, None]
-    k = jnp.where(real, k, jnp.zeros((), k.dtype))
-    v = jnp.where(real, v, jnp.zeros((), v.dtype))
-  k_proj = _project(k, e.astype(k.dtype))  # [batch, proj, heads, head_dim]
+    v = jnp.where(mask[:, :, None, None], v, jnp.zeros((), v.dtype))
+  weights = _slot_weights(q, k, e, f, mask)
   v_proj = _project(v, f.astype(v.dtype))
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), k_proj) * scale
-  if mask is None:
-    weights = jax.nn.softmax(logits, axis=-1)
-  else:
-    # [batch, heads or 1, 1, proj]: slots some real token contributes to.
-    keep = (_used_slots(mask, e) | _used_slots(mask, f))[:, :, None, :]
-    logits = jnp.where(keep, logits, masking.large_negative(_F32))
-    weights = jax.nn.softmax(logits, axis=-1)
-    weights = jnp.where(keep.any(axis=-1, keepdims=True), weights, 0.0)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights, v_proj)
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
+
+
+@maps.register_weights("linformer")
+def linformer_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  key_projection: jax.Array,
+  value_projection: jax.Array | None = None,
+) -> jax.Array:
+  """The map [batch, heads, q_len, kv_len] float32 of `linformer_attention` (its arguments).
+
+  softmax(q (E^T k)^T / sqrt(d)) F^T: the weights over the projected slots (the same
+  masking of padded keys and empty slots) carried back to the original kv positions
+  through F, whose rows at padded positions are zeroed (padded values never enter
+  F^T v). Rows are not normalised over keys (F is no average); padded keys get zero
+  weight and padded query rows (self-attention) are zero. `max_length` bounds the map,
+  not E's rows. Quadratic by nature; for inspection at short lengths (`attention.maps`).
+  """
+  maps.check_map_length("linformer", q.shape[1], k.shape[1], max_length)
+  check_not_causal("linformer", causal, _NOT_CAUSAL)
+  e, f = _projections(key_projection, value_projection, q, k)
+  weights = _slot_weights(q, k, e, f, mask)  # [batch, heads, q_len, proj]
+  f = f.astype(_F32)
+  if f.ndim == 2:
+    weights = jnp.einsum("bhqs,ls->bhql", weights, f)
+  else:
+    weights = jnp.einsum("bhqs,hls->bhql", weights, f)
+  if mask is not None:
+    weights = jnp.where(mask[:, None, None, :], weights, 0.0)  # Padded values are zeroed.
+    if q.shape[1] == k.shape[1]:
+      weights = jnp.where(mask[:, None, :, None], weights, 0.0)  # Padded query rows.
+  return weights
 
 
 def projection_shape(*, num_heads: int, max_length: int, k: int, share_heads: bool) -> tuple:
@@ -179,3 +239,7 @@ class LinformerAttention(MultiHeadAttention):
     del deterministic
     f = None if self.value_projection is None else self.value_projection[...]
     return linformer_attention(q, k, v, self.key_projection[...], f, mask=mask, causal=self.causal)
+
+  def map_params(self) -> dict:
+    f = None if self.value_projection is None else self.value_projection[...]
+    return {"key_projection": self.key_projection[...], "value_projection": f}

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
@@ -58,6 +58,44 @@ def masked_softmax(logits: jax.Array, keep: jax.Array) -> jax.Array:
   logits = jnp.where(keep, logits, masking.large_negative(_F32))
   weights = jax.nn.softmax(logits, axis=-1)
   return jnp.where(keep.any(axis=-1, keepdims=True), weights, 0.0)
+
+
+def pattern_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  keep: jax.Array,
+  *,
+  mask: jax.Array | None,
+  bias: jax.Array | None = None,
+) -> jax.Array:
+  """The masked softmax of a structured attention as a dense map: quadratic by nature.
+
+  softmax(q k^T / sqrt(d) + bias) over the pairs `keep` allows and the real keys, in
+  float32: the map of local, sparse, Longformer and BigBird attention (`attention.maps`),
+  each passing its own pattern. For inspection at short lengths only.
+
+  Args:
+    q: [batch, q_length, heads, head_dim].
+    k: [batch, kv_length, heads, head_dim].
+    keep: bool pattern broadcastable to [batch, heads, q_length, kv_length].
+    mask: [batch, kv_length] bool, True = real token; or None.
+    bias: an additive logit term broadcastable to the same shape, or None.
+
+  Returns:
+    [batch, heads, q_length, kv_length] float32. Rows with no visible key are zeros, and
+    so are rows of padded queries when q_length == kv_length (self-attention).
+  """
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32)
+  logits = logits * (q.shape[-1] ** -0.5)
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, _F32)
+  keep = jnp.asarray(keep, bool)
+  if mask is not None:
+    keep = keep & mask.astype(bool)[:, None, None, :]
+  weights = masked_softmax(logits, keep)
+  if mask is not None and q.shape[1] == k.shape[1]:
+    weights = jnp.where(mask.astype(bool)[:, None, :, None], weights, 0.0)  # Padded queries.
+  return weights
 
 
 def masked_exp_parts(
@@ -189,6 +227,39 @@ def local_attention(
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 
+@maps.register_weights("local")
+def local_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  block_size: int = 64,
+  num_neighbors: int = 1,
+  alibi_slopes: jax.Array | None = None,
+) -> jax.Array:
+  """The map [batch, heads, q_len, kv_len] float32 of `local_attention` (its arguments).
+
+  The masked softmax under `local_pattern` and the key mask (with ALiBi's bias at the
+  same positions as the kernel's); rows of padded queries and rows with no visible key
+  are zeros. Quadratic by nature; for inspection at short lengths (`attention.maps`).
+  """
+  maps.check_map_length("local", q.shape[1], k.shape[1], max_length)
+  _check_params(block_size, num_neighbors)
+  check_fits_sequence("local", "block_size", block_size, k.shape[1])
+  keep = local_pattern(
+    q.shape[1], k.shape[1], block_size=block_size, num_neighbors=num_neighbors, causal=causal
+  )
+  bias = None
+  if alibi_slopes is not None:
+    # The kernel's positions: query i and key j at i and j (block offsets cancel).
+    bias = positions.alibi_bias(
+      alibi_slopes, jnp.arange(q.shape[1])[:, None], jnp.arange(k.shape[1])[None, :]
+    )[None]
+  return pattern_attention_weights(q, k, keep[None, None], mask=mask, bias=bias)
+
+
 _DEFAULTS = defaults_of(local_attention)
 
 
@@ -235,6 +306,13 @@ class LocalAttention(MultiHeadAttention):
       v,
       mask=mask,
       causal=self.causal,
+      block_size=self.block_size,
+      num_neighbors=self.num_neighbors,
+      alibi_slopes=self.alibi_slopes(),
+    )
+
+  def map_params(self) -> dict:
+    return dict(
       block_size=self.block_size,
       num_neighbors=self.num_neighbors,
       alibi_slopes=self.alibi_slopes(),

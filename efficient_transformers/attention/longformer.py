@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import (
   QKV_BIAS_AXES,
   QKV_KERNEL_AXES,
@@ -49,6 +49,7 @@ from efficient_transformers.attention.local import (
   masked_exp_parts,
   masked_softmax,
   neighbor_blocks,
+  pattern_attention_weights,
   to_blocks,
 )
 from efficient_transformers.attention.masking import pad_to
@@ -238,6 +239,52 @@ def longformer_attention(
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 
+@maps.register_weights(_NAME)
+def longformer_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  window: int = 64,
+  global_positions: Sequence[int] = (0,),
+  global_qkv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+  """The map [batch, heads, length, length] float32 of `longformer_attention` (its arguments).
+
+  The masked softmax under `longformer_pattern` and the key mask: window keys and global
+  columns in one softmax, global rows over every (real, causal: earlier) key. With
+  `global_qkv=None` it is one map over v: its product with v is the output. With
+  (q_g, k_g, v_g) the global rows are softmax(q_g k_g^T) and weigh v_g (not v), so the
+  output is `map @ v` on the other rows and `map @ v_g` on the global rows (v_g itself is
+  not read here). Rows of padded queries and rows with no visible key are zeros.
+  Quadratic by nature; for inspection at short lengths (`attention.maps`).
+  """
+  maps.check_map_length(_NAME, q.shape[1], k.shape[1], max_length)
+  positions = _check_params(window, global_positions)
+  length = q.shape[1]
+  if k.shape[1] != length:
+    raise ValueError(f"{_NAME}: self-attention only; q length {length} != kv length {k.shape[1]}.")
+  check_fits_sequence(_NAME, "window", window, length)
+  _check_globals_fit(positions, length)
+  allowed = longformer_pattern(length, window=window, global_positions=positions, causal=causal)
+  weights = pattern_attention_weights(q, k, allowed[None, None], mask=mask)
+  if positions and global_qkv is not None:
+    q_g, k_g = global_qkv[0], global_qkv[1]
+    g_idx = np.asarray(positions)
+    if q_g.shape != (q.shape[0], len(positions), *q.shape[2:]) or k_g.shape != k.shape:
+      raise ValueError(
+        f"{_NAME}: global_qkv must be (q_g, k_g, v_g) with q_g {(q.shape[0], len(positions))} + "
+        f"{q.shape[2:]} and k_g {k.shape}; got q_g {q_g.shape}, k_g {k_g.shape}."
+      )
+    rows = pattern_attention_weights(q_g, k_g, allowed[g_idx][None, None], mask=mask)
+    weights = weights.at[:, :, g_idx].set(rows)
+    if mask is not None:  # Padded global positions: zero rows, as in the kernel.
+      weights = jnp.where(mask.astype(bool)[:, None, :, None], weights, 0.0)
+  return weights
+
+
 _DEFAULTS = defaults_of(longformer_attention)
 
 
@@ -248,7 +295,9 @@ class LongformerAttention(MultiHeadAttention):
   See `longformer_attention`. Besides the base query/key/value/output
   projections the module holds `query_global`, `key_global` and
   `value_global`, used for the global rows. It therefore overrides
-  `__call__` (the base computes only q, k, v); `attend` is not used.
+  `_self_attention` (the base computes only q, k, v) and `attention_weights`
+  (whose global rows weigh `value_global(x)`: apply a map with `apply_weights`);
+  `attend` is not used.
 
   Variant kwargs:
     window: one-sided sliding window w (default 64; LRA had no such size,
@@ -297,10 +346,8 @@ class LongformerAttention(MultiHeadAttention):
       "LongformerAttention computes its own projections in __call__; call the module on x."
     )
 
-  def _self_attention(
-    self, x: jax.Array, *, mask: jax.Array | None, deterministic: bool
-  ) -> jax.Array:
-    """Self-attention over `x` [batch, length, in_features]; returns the same shape."""
+  def _projections(self, x: jax.Array):
+    """q, k, v [batch, length, heads, head_dim] of x, and global_qkv (None without globals)."""
     q, k, v = self.rotate(self.query(x)), self.rotate(self.key(x)), self.value(x)
     global_qkv = None
     if self.global_positions:
@@ -311,6 +358,48 @@ class LongformerAttention(MultiHeadAttention):
       if self.position_kind == "rope":
         global_q = positions.rotate(global_q, at=self.global_positions)
       global_qkv = (global_q, self.rotate(self.key_global(x)), self.value_global(x))
+    return q, k, v, global_qkv
+
+  def attention_weights(
+    self, x: jax.Array, *, mask: jax.Array | None = None, max_length: int = maps.MAX_MAP_LENGTH
+  ) -> jax.Array:
+    """The map [batch, heads, L, L] of self-attention over x [batch, L, in_features].
+
+    Unlike the other variants' maps, its rows at the global positions are the global
+    queries' weights over `value_global(x)`, the others' over `value(x)` (see
+    `longformer_attention_weights`): `self.out(self.apply_weights(map, x))` is
+    `self(x, mask=mask)` (deterministic), up to float error. Quadratic by nature: for
+    inspection at short lengths, a ConfigError above `max_length` (see `attention.maps`).
+    """
+    maps.check_map_length(_NAME, x.shape[1], x.shape[1], max_length)
+    q, k, _, global_qkv = self._projections(x)
+    return maps.attention_weights(
+      _NAME,
+      q,
+      k,
+      mask=mask,
+      causal=self.causal,
+      max_length=max_length,
+      window=self.window,
+      global_positions=self.global_positions,
+      global_qkv=global_qkv,
+    )
+
+  def apply_weights(self, weights: jax.Array, x: jax.Array) -> jax.Array:
+    """weights [batch, heads, L, L] (`attention_weights`) applied to x's values: [batch, L,
+    heads, head_dim] float32, `value_global(x)` on the global rows and `value(x)` elsewhere."""
+    out = maps.apply_weights(weights, self.value(x))
+    if not self.global_positions:
+      return out
+    g_idx = np.asarray(self.global_positions)
+    rows = maps.apply_weights(weights[:, :, g_idx], self.value_global(x))
+    return out.at[:, g_idx].set(rows)
+
+  def _self_attention(
+    self, x: jax.Array, *, mask: jax.Array | None, deterministic: bool
+  ) -> jax.Array:
+    """Self-attention over `x` [batch, length, in_features]; returns the same shape."""
+    q, k, v, global_qkv = self._projections(x)
     out = longformer_attention(
       q,
       k,

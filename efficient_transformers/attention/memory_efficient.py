@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking, softmax
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_positive_int
@@ -267,6 +267,40 @@ def memory_efficient_attention(
   return masking.zero_padded_queries(out, mask)
 
 
+@maps.register_weights("memory_efficient")
+def memory_efficient_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  query_chunk_size: int = 512,
+  key_chunk_size: int = 512,
+  alibi_slopes=None,
+  q_offset: int = 0,
+) -> jax.Array:
+  """The map [batch, heads, q_len, kv_len] float32 of `memory_efficient_attention` (its
+  arguments).
+
+  Exact attention: the softmax probabilities (`softmax.softmax_attention_weights`),
+  which the chunks compute block by block; the chunk sizes are checked, not used.
+  Quadratic by nature; for inspection at short lengths (`attention.maps`).
+  """
+  maps.check_map_length("memory_efficient", q.shape[1], k.shape[1], max_length)
+  check_chunk_size("query_chunk_size", query_chunk_size)
+  check_chunk_size("key_chunk_size", key_chunk_size)
+  return softmax.softmax_attention_weights(
+    q,
+    k,
+    mask=mask,
+    causal=causal,
+    max_length=max_length,
+    alibi_slopes=None if alibi_slopes is None else jnp.asarray(alibi_slopes, _F32),
+    q_offset=q_offset,
+  )
+
+
 _DEFAULTS = defaults_of(memory_efficient_attention)
 
 
@@ -315,4 +349,11 @@ class MemoryEfficientAttention(MultiHeadAttention):
       key_chunk_size=self.key_chunk_size,
       alibi_slopes=self.alibi_slopes_values(),
       q_offset=q_offset,
+    )
+
+  def map_params(self) -> dict:
+    return dict(
+      query_chunk_size=self.query_chunk_size,
+      key_chunk_size=self.key_chunk_size,
+      alibi_slopes=self.alibi_slopes_values(),
     )

@@ -27,6 +27,9 @@ takes the maxima per matrix, not over the whole batch as the paper's code does,
 so a sequence's output does not depend on the others in its batch.
 
 Not supported: causal attention (landmarks average over future tokens).
+
+`nystromformer_attention_weights` builds the [L, L] map F A+ B (plus the
+convolution's band), for inspection at short lengths (`attention.maps`).
 """
 
 import jax
@@ -34,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_not_causal, check_positive_int
@@ -107,6 +110,41 @@ def depthwise_conv(v: jax.Array, kernel: jax.Array) -> jax.Array:
   return out.reshape(batch, length, heads, dim)
 
 
+def _real(k: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """The real-token mask [batch, length] bool (all True without a mask)."""
+  return jnp.ones(k.shape[:2], bool) if mask is None else mask.astype(bool)
+
+
+def nystrom_factors(
+  q: jax.Array, k: jax.Array, real: jax.Array, num_landmarks: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The three softmax factors F, A, B of the Nystrom approximation, float32.
+
+  Args:
+    q, k: [batch, length, heads, head_dim].
+    real: [batch, length] bool, True = real token.
+    num_landmarks: m, segments per sequence (of its real tokens).
+
+  Returns:
+    F = softmax(Q K~^T) [batch, heads, length, m], A = softmax(Q~ K~^T) [batch, heads,
+    m, m], B = softmax(Q~ K^T) [batch, heads, m, length] (scaled by 1 / sqrt(d)), with
+    empty landmarks masked as keys and zero rows of A and B, padded keys masked in B.
+  """
+  seg_weights, present = _segments(real, num_landmarks)
+  scale = q.shape[-1] ** -0.5
+  qf, kf = q.astype(_F32) * scale, k.astype(_F32)
+  q_land = jnp.einsum("blm,blhd->bmhd", seg_weights, qf)  # [batch, m, heads, d]
+  k_land = jnp.einsum("blm,blhd->bmhd", seg_weights, kf)
+
+  land_keep = present[:, None, None, :]  # [batch, 1, 1, m]
+  f = _masked_softmax(jnp.einsum("blhd,bmhd->bhlm", qf, k_land), land_keep)
+  a = _masked_softmax(jnp.einsum("bnhd,bmhd->bhnm", q_land, k_land), land_keep)
+  b = _masked_softmax(jnp.einsum("bmhd,blhd->bhml", q_land, kf), real[:, None, None, :])
+  # Empty landmarks are dropped as queries too: zero rows of A and B.
+  rows = present[:, None, :, None]
+  return f, jnp.where(rows, a, 0.0), jnp.where(rows, b, 0.0)
+
+
 def nystromformer_attention(
   q: jax.Array,
   k: jax.Array,
@@ -144,28 +182,57 @@ def nystromformer_attention(
   masking.check_qkv("nystromformer", q, k, v, mask)
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"nystromformer: self-attention only; got q {q.shape}, k {k.shape}.")
-  batch, length = k.shape[:2]
-  real = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
-  seg_weights, present = _segments(real, num_landmarks)
-  scale = q.shape[-1] ** -0.5
-  qf, kf = q.astype(_F32) * scale, k.astype(_F32)
+  real = _real(k, mask)
+  f, a, b = nystrom_factors(q, k, real, num_landmarks)
   vf = jnp.where(real[:, :, None, None], v.astype(_F32), 0.0)
-  q_land = jnp.einsum("blm,blhd->bmhd", seg_weights, qf)  # [batch, m, heads, d]
-  k_land = jnp.einsum("blm,blhd->bmhd", seg_weights, kf)
-
-  land_keep = present[:, None, None, :]  # [batch, 1, 1, m]
-  f = _masked_softmax(jnp.einsum("blhd,bmhd->bhlm", qf, k_land), land_keep)
-  a = _masked_softmax(jnp.einsum("bnhd,bmhd->bhnm", q_land, k_land), land_keep)
-  b = _masked_softmax(jnp.einsum("bmhd,blhd->bhml", q_land, kf), real[:, None, None, :])
-  # Empty landmarks are dropped as queries too: zero rows of A and B.
-  rows = present[:, None, :, None]
-  a, b = jnp.where(rows, a, 0.0), jnp.where(rows, b, 0.0)
-
   bv = jnp.einsum("bhml,blhd->bhmd", b, vf)
   out = jnp.einsum("bhlm,bhmd->blhd", f, iterative_pinv(a, pinv_iterations) @ bv)
   if conv_kernel is not None:
     out = out + depthwise_conv(vf, conv_kernel.astype(_F32))
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
+
+
+@maps.register_weights("nystromformer")
+def nystromformer_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  num_landmarks: int = 64,
+  pinv_iterations: int = 6,
+  conv_kernel: jax.Array | None = None,
+) -> jax.Array:
+  """The map [batch, heads, L, L] float32 of `nystromformer_attention` (its arguments).
+
+  F A+ B, the product of its three factors (`nystrom_factors`, the same landmarks and
+  masking, A+ by the same `iterative_pinv`), plus, with `conv_kernel`, the depthwise
+  convolution of v as a banded matrix per head (`depthwise_conv` of the identity), so
+  that map @ v is the output. Rows are not normalised (A+ is no softmax), but padded keys
+  get zero weight (B masks them, the convolution sees zeroed padded rows) and padded
+  query rows are zero. Quadratic by nature; for inspection at short lengths
+  (`attention.maps`).
+  """
+  maps.check_map_length("nystromformer", q.shape[1], k.shape[1], max_length)
+  check_not_causal("nystromformer", causal, _NOT_CAUSAL)
+  check_positive_int("nystromformer", "num_landmarks", num_landmarks, minimum=1)
+  check_positive_int("nystromformer", "pinv_iterations", pinv_iterations, minimum=0)
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"nystromformer: self-attention only; got q {q.shape}, k {k.shape}.")
+  real = _real(k, mask)
+  f, a, b = nystrom_factors(q, k, real, num_landmarks)
+  weights = f @ iterative_pinv(a, pinv_iterations) @ b
+  if conv_kernel is not None:
+    # Convolving the identity's columns gives, at [0, i, h, j], v_j's weight in output i.
+    length, heads = k.shape[1], k.shape[2]
+    eye = jnp.eye(length, dtype=_F32)[None, :, None, :]
+    eye = jnp.broadcast_to(eye, (1, length, heads, length))
+    band = depthwise_conv(eye, conv_kernel.astype(_F32))[0].transpose(1, 0, 2)  # [H, L, L]
+    weights = weights + jnp.where(real[:, None, None, :], band[None], 0.0)
+  if mask is not None:
+    weights = jnp.where(real[:, None, :, None], weights, 0.0)  # Padded query rows.
+  return weights
 
 
 _DEFAULTS = defaults_of(nystromformer_attention)
@@ -231,3 +298,10 @@ class NystromformerAttention(MultiHeadAttention):
       pinv_iterations=self.pinv_iterations,
       conv_kernel=None if self.conv_kernel is None else self.conv_kernel[...],
     )
+
+  def map_params(self) -> dict:
+    return {
+      "num_landmarks": self.num_landmarks,
+      "pinv_iterations": self.pinv_iterations,
+      "conv_kernel": None if self.conv_kernel is None else self.conv_kernel[...],
+    }

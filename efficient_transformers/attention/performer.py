@@ -30,6 +30,10 @@ the keys cancels only if it is the same for every key a query sees:
 The features are a non-trainable `RandomFeatures` variable drawn from the
 `params` stream at init; `redraw_features(key)` replaces them (the paper
 redraws them periodically during training).
+
+`performer_attention_weights` builds the [L, L] map phi(q) phi(k)^T with normalised
+rows from the same features and stabilizers, for inspection at short lengths
+(`attention.maps`).
 """
 
 import math
@@ -38,11 +42,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import defaults_of
 from efficient_transformers.attention.linear import (
   KernelizedAttention,
   check_positive_int,
+  kernelized_attention_weights,
   linear_attention_from_features,
 )
 from efficient_transformers.attention.registry import register
@@ -194,6 +199,31 @@ def performer_attention(
   return out.astype(q.dtype)
 
 
+@maps.register_weights("performer")
+def performer_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  features: jax.Array,
+  kernel: str = "softmax",
+  chunk_size: int = 64,
+) -> jax.Array:
+  """The map [batch, heads, q_len, kv_len] float32 of `performer_attention` (its arguments).
+
+  phi(q) phi(k)^T with the FAVOR+ (or relu) features of `performer_feature_maps`, the
+  same stabilizers included (they cancel row by row), each row divided by its sum over
+  the visible real keys. `chunk_size` only schedules the causal sums and does not change
+  the map. Quadratic by nature; for inspection at short lengths (`attention.maps`).
+  """
+  maps.check_map_length("performer", q.shape[1], k.shape[1], max_length)
+  _check(dict(num_features=features.shape[0], chunk_size=chunk_size, kernel=kernel))
+  phi_q, phi_k = performer_feature_maps(q, k, features, mask=mask, causal=causal, kernel=kernel)
+  return kernelized_attention_weights(phi_q, phi_k, mask=mask, causal=causal)
+
+
 _DEFAULTS = defaults_of(performer_attention, draw_random_features)
 
 
@@ -254,3 +284,6 @@ class PerformerAttention(KernelizedAttention):
       kernel=self.kernel,
       chunk_size=self.chunk_size,
     )
+
+  def map_params(self) -> dict:
+    return {"features": self.features[...], "kernel": self.kernel, "chunk_size": self.chunk_size}

@@ -55,13 +55,17 @@ Details of this implementation:
 Cost per head, with n = num_hashes, c = chunk_size, d = head_dim:
 O(n L log L) for the sorts and O(n L 2c d) time, O(n L (2c + d)) memory for
 the chunked attention, forward and backward. No [L, L] array is built.
+
+`reformer_attention_weights` builds the [L, L] map of one draw of rotations (the
+module's `attention_weights` maps those of its next call), for inspection at short
+lengths (`attention.maps`).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
@@ -189,6 +193,25 @@ def reformer_attention(
   )
 
 
+def _check_rotations(rotations: jax.Array, q: jax.Array, chunk_size: int) -> int:
+  """Checks rotations and chunk_size against q [batch, length, heads, head_dim]; the buckets.
+
+  Raises:
+    ValueError: rotations of the wrong shape; ConfigError: bad sizes (`_check_params`) or
+      chunk_size > length.
+  """
+  _, length, heads, head_dim = q.shape
+  if rotations.ndim != 4 or rotations.shape[0] != heads or rotations.shape[2] != head_dim:
+    raise ValueError(
+      f"reformer: rotations must be [heads={heads}, num_hashes, head_dim={head_dim}, "
+      f"num_buckets / 2]; got {rotations.shape}."
+    )
+  num_buckets = 2 * rotations.shape[3]
+  _check_params(rotations.shape[1], num_buckets, chunk_size)
+  check_fits_sequence("reformer", "chunk_size", chunk_size, length)
+  return num_buckets
+
+
 def reformer_attention_from_rotations(
   q: jax.Array,
   v: jax.Array,
@@ -209,14 +232,7 @@ def reformer_attention_from_rotations(
   """
   masking.check_qkv("reformer", q, q, v, mask)
   batch, length, heads, head_dim = q.shape
-  if rotations.ndim != 4 or rotations.shape[0] != heads or rotations.shape[2] != head_dim:
-    raise ValueError(
-      f"reformer: rotations must be [heads={heads}, num_hashes, head_dim={head_dim}, "
-      f"num_buckets / 2]; got {rotations.shape}."
-    )
-  num_buckets = 2 * rotations.shape[3]
-  _check_params(rotations.shape[1], num_buckets, chunk_size)
-  check_fits_sequence("reformer", "chunk_size", chunk_size, length)
+  num_buckets = _check_rotations(rotations, q, chunk_size)
   c = chunk_size
   num_chunks = -(-length // c)
   padded = num_chunks * c
@@ -280,6 +296,78 @@ def _gather_rounds(x: jax.Array, perm: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, perm[..., None], axis=3)
 
 
+@maps.register_weights("reformer")
+def reformer_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  rotations: jax.Array | None = None,
+  key: jax.Array | None = None,
+  num_hashes: int = 2,
+  num_buckets: int = 32,
+  chunk_size: int = 64,
+) -> jax.Array:
+  """The map [batch, heads, L, L] float32 of `reformer_attention_from_rotations`.
+
+  Per round r, token i's softmax row over the keys its LSH window shows it (its chunk
+  of the (bucket, position)-sorted sequence and the previous chunk; causal: its own
+  bucket's earlier tokens, at most chunk_size back in sorted order), with the same
+  self rule (SELF_LOGIT) and masking; the rounds are combined row by row with the
+  weights softmax_r(lse_r), so a key two rounds show counts in both. Rows of real
+  queries sum to 1; padded (and, causal, later) keys get zero weight; padded query rows
+  are zero. Quadratic by nature; for inspection at short lengths (`attention.maps`).
+
+  Args:
+    q: [batch, length, heads, head_dim], the shared queries-keys (hashed).
+    k: the keys before normalization; Reformer's are its queries: pass q.
+    mask, causal, chunk_size: as in `reformer_attention`.
+    max_length: the longest length to build a map for.
+    rotations: [heads, num_hashes, head_dim, num_buckets / 2] (`draw_rotations`);
+      None: drawn from `key` with num_hashes and num_buckets, as `reformer_attention`
+      does.
+  """
+  maps.check_map_length("reformer", q.shape[1], k.shape[1], max_length)
+  if k.shape != q.shape:
+    raise ValueError(f"reformer: shared QK, k must be q's shape {q.shape}; got {k.shape}.")
+  if rotations is None:
+    if key is None:
+      raise ValueError("reformer: pass the hash rotations (or a key to draw them from).")
+    _check_params(num_hashes, num_buckets, chunk_size)
+    rotations = draw_rotations(key, q.shape[2], q.shape[3], num_hashes, num_buckets)
+  num_buckets = _check_rotations(rotations, q, chunk_size)
+  length, c = q.shape[1], chunk_size
+  real = jnp.ones(q.shape[:2], bool) if mask is None else mask.astype(bool)
+  buckets = hash_buckets(q, rotations)  # [B, H, R, L]
+  buckets = jnp.where(real[:, None, None, :], buckets, num_buckets)
+  positions = jnp.arange(length, dtype=jnp.int32)
+  # A token's place in its round's sorted order (padded tokens last, as in the kernel).
+  rank = jnp.argsort(jnp.argsort(buckets * length + positions, axis=-1), axis=-1)
+  rows, cols = (lambda x: x[..., :, None]), (lambda x: x[..., None, :])
+  chunk = rank // c
+  visible = (cols(chunk) == rows(chunk)) | (cols(chunk) == rows(chunk) - 1)
+  visible = visible & real[:, None, None, None, :]
+  if causal:
+    visible = (
+      visible
+      & (cols(buckets) == rows(buckets))
+      & (cols(positions) <= rows(positions))
+      & (cols(rank) >= rows(rank) - c)
+    )
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(_F32), normalize_keys(k))
+  logits = logits * (q.shape[-1] ** -0.5)
+  logits = jnp.where(jnp.eye(length, dtype=bool), SELF_LOGIT, logits)[:, :, None]
+  logits = jnp.where(visible, logits, INVISIBLE_LOGIT)  # [B, H, R, L, L]
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  weights = jnp.exp(logits - lse[..., None])
+  weights = jnp.einsum("bhrq,bhrqk->bhqk", jax.nn.softmax(lse, axis=2), weights)
+  if mask is not None:
+    weights = jnp.where(real[:, None, :, None], weights, 0.0)  # Padded query rows.
+  return weights
+
+
 def _hash_stream(rngs: nnx.Rngs) -> nnx.RngStream:
   """A stream tagged "dropout" (so `nnx.reseed(model, dropout=...)` reaches it).
 
@@ -338,6 +426,43 @@ class ReformerAttention(MultiHeadAttention):
       num_hashes=self.num_hashes,
       num_buckets=self.num_buckets,
       chunk_size=self.chunk_size,
+    )
+
+  def next_rotations(self) -> jax.Array:
+    """The rotations [heads, num_hashes, head_dim, num_buckets / 2] of the next call.
+
+    Drawn from a copy of `hash_rngs`, so the stream is not advanced: the next forward
+    call draws these same rotations.
+    """
+    key = nnx.clone(self.hash_rngs)()
+    return draw_rotations(key, self.num_heads, self.head_dim, self.num_hashes, self.num_buckets)
+
+  def map_params(self) -> dict:
+    return {"rotations": self.next_rotations(), "chunk_size": self.chunk_size}
+
+  def attention_weights(
+    self,
+    x: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    max_length: int = maps.MAX_MAP_LENGTH,
+    rotations: jax.Array | None = None,
+  ) -> jax.Array:
+    """The map [batch, heads, L, L] of the module's self-attention over x (shared QK).
+
+    Args:
+      x, mask, max_length: as in `MultiHeadAttention.attention_weights`.
+      rotations: the hash rotations to map; None = those the module's NEXT call will
+        draw (`next_rotations`; the stream is not advanced), so the map followed by
+        `self(x, mask=mask)` reproduces that call exactly.
+    """
+    maps.check_map_length("reformer", x.shape[1], x.shape[1], max_length)
+    q = self.rotate(self.query(x))  # The keys are the normalized queries.
+    params = self.map_params()
+    if rotations is not None:
+      params["rotations"] = rotations
+    return maps.attention_weights(
+      "reformer", q, q, mask=mask, causal=self.causal, max_length=max_length, **params
     )
 
   def _self_attention(

@@ -50,6 +50,9 @@ No [L, L] array is built. Gradients are plain autodiff.
 
 Not implemented: Gumbel noise in the Sinkhorn operator, SortCut, and
 cross-attention (q_length must equal kv_length).
+
+`sinkhorn_attention_weights` builds the [L, L] map of the own and sorted blocks
+over the original positions, for inspection at short lengths (`attention.maps`).
 """
 
 import math
@@ -59,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.local import masked_softmax, to_blocks
 from efficient_transformers.attention.masking import pad_to
@@ -238,24 +241,67 @@ def sorted_block_attention(
   """
   batch, length = q.shape[:2]
   b = block_size
-  nb = -(-length // b)
-  padded = nb * b
+  padded = -(-length // b) * b
+  real, filled, safe_weight = _sorted_slots(sort_matrix, mask, batch, length, b)
+  vb = to_blocks(pad_to(v, padded), b)  # [B, nb, b, H, D]
+  weights = _block_weights(q, k, sort_matrix, real, filled, safe_weight, causal=causal)
+  vs = _sort_blocks(vb, sort_matrix, real, safe_weight)
+  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., :b], vb.astype(_F32))
+  out = out + jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., b:], vs)
+  out = out.reshape(batch, padded, *q.shape[2:])[:, :length]
+  return masking.zero_padded_queries(out, mask).astype(q.dtype)
+
+
+def _sorted_slots(
+  sort_matrix: jax.Array, mask: jax.Array | None, batch: int, length: int, block_size: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The blocked real mask [B, nb, b], and per sorted slot [B, nb, b, H] whether it is
+  filled and its real-token weight (1 where empty).
+
+  Sorted slot (a, j) is the P-weighted mean of the real tokens at slot j of the blocks,
+  of total weight w[a, j] = sum_c P[a, c] real[c, j]; it is empty where w < 1e-30.
+  """
+  padded = -(-length // block_size) * block_size
   real = jnp.ones((batch, length), bool) if mask is None else mask.astype(bool)
-  real = to_blocks(pad_to(real, padded), b)  # [B, nb, b]
-  qb, kb, vb = (to_blocks(pad_to(x, padded), b) for x in (q, k, v))  # [B, nb, b, H, D]
-  p = sort_matrix.astype(_F32)
-
-  # Sorted slot (a, j): P-weighted mean of the real tokens at slot j of the blocks.
-  weight = jnp.einsum("bhac,bcj->bajh", p, real.astype(_F32))  # [B, nb, b, H]
+  real = to_blocks(pad_to(real, padded), block_size)  # [B, nb, b]
+  weight = jnp.einsum("bhac,bcj->bajh", sort_matrix.astype(_F32), real.astype(_F32))
   filled = weight > _MIN_WEIGHT
-  safe_weight = jnp.where(filled, weight, 1.0)
+  return real, filled, jnp.where(filled, weight, 1.0)
 
-  def sort(x):
-    x = jnp.where(real[..., None, None], x, jnp.zeros((), x.dtype))
-    mixed = jnp.einsum("bhac,bcjhd->bajhd", p, x, preferred_element_type=_F32)
-    return mixed / safe_weight[..., None]
 
-  ks, vs = sort(kb), sort(vb)
+def _sort_blocks(
+  x: jax.Array, sort_matrix: jax.Array, real: jax.Array, safe_weight: jax.Array
+) -> jax.Array:
+  """Blocked x [B, nb, b, H, D] -> the sorted blocks [B, nb, b, H, D] float32."""
+  x = jnp.where(real[..., None, None], x, jnp.zeros((), x.dtype))
+  p = sort_matrix.astype(_F32)
+  mixed = jnp.einsum("bhac,bcjhd->bajhd", p, x, preferred_element_type=_F32)
+  return mixed / safe_weight[..., None]
+
+
+def _block_weights(
+  q: jax.Array,
+  k: jax.Array,
+  sort_matrix: jax.Array,
+  real: jax.Array,
+  filled: jax.Array,
+  safe_weight: jax.Array,
+  *,
+  causal: bool,
+) -> jax.Array:
+  """The softmax weights [B, H, nb, b, 2b] of each query over its own block's keys, then
+  the sorted block's slots (a slot of weight w enters as a key of multiplicity w).
+
+  Args:
+    q, k: [batch, length, heads, head_dim].
+    sort_matrix: P [batch, heads, nb, nb].
+    real, filled, safe_weight: from `_sorted_slots` (their shapes give the blocks).
+    causal: the causal mask inside the own block.
+  """
+  batch, nb, b = real.shape
+  padded = nb * b
+  qb, kb = (to_blocks(pad_to(x, padded), b) for x in (q, k))  # [B, nb, b, H, D]
+  ks = _sort_blocks(kb, sort_matrix, real, safe_weight)
   scale = q.shape[-1] ** -0.5
   own = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kb, preferred_element_type=_F32) * scale
   srt = jnp.einsum("bnqhd,bnkhd->bhnqk", qb.astype(_F32), ks) * scale
@@ -268,11 +314,7 @@ def sorted_block_attention(
   keep = jnp.concatenate(
     [jnp.broadcast_to(keep_own, shape), jnp.broadcast_to(keep_srt, shape)], axis=-1
   )
-  weights = masked_softmax(jnp.concatenate([own, srt], axis=-1), keep)
-  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., :b], vb.astype(_F32))
-  out = out + jnp.einsum("bhnqk,bnkhd->bnqhd", weights[..., b:], vs)
-  out = out.reshape(batch, padded, *q.shape[2:])[:, :length]
-  return masking.zero_padded_queries(out, mask).astype(q.dtype)
+  return masked_softmax(jnp.concatenate([own, srt], axis=-1), keep)
 
 
 def sinkhorn_attention(
@@ -328,6 +370,64 @@ def sinkhorn_attention(
     temperature=temperature,
   )
   return sorted_block_attention(q, k, v, p, mask=mask, causal=causal, block_size=block_size)
+
+
+@maps.register_weights("sinkhorn")
+def sinkhorn_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  sort_weights: jax.Array | None = None,
+  sort_matrix: jax.Array | None = None,
+  block_size: int = 64,
+  sinkhorn_iterations: int = 8,
+  temperature: float = 0.75,
+) -> jax.Array:
+  """The map [batch, heads, L, L] float32 of `sinkhorn_attention` (its arguments).
+
+  Query i of block a puts its own-block softmax weights on the keys of block a and the
+  weight of sorted slot (a, j) on the tokens that slot mixes: P[a, c] real[c, j] / w[a, j]
+  on token j of block c (w the slot's real-token weight), so map @ v is the output. The
+  sort matrix P is the one its sorting network computes from k and `sort_weights`
+  (`sinkhorn_sort_matrix`), or a given `sort_matrix` [batch, heads, nb, nb] (e.g. a hard
+  `permutation_matrix`; causal: P[a, c] = 0 for c >= a). Rows of real queries sum to 1;
+  padded (and, causal, later) keys get zero weight; padded query rows are zero.
+  Quadratic by nature; for inspection at short lengths (`attention.maps`).
+  """
+  maps.check_map_length("sinkhorn", q.shape[1], k.shape[1], max_length)
+  _check_params(block_size, None, sinkhorn_iterations, temperature)
+  if q.shape[1] != k.shape[1]:
+    raise ValueError(f"sinkhorn: self-attention only; got q {q.shape}, k {k.shape}.")
+  check_fits_sequence("sinkhorn", "block_size", block_size, k.shape[1])
+  if (sort_weights is None) == (sort_matrix is None):
+    raise ValueError("sinkhorn: pass exactly one of sort_weights and sort_matrix.")
+  if sort_matrix is None:
+    sort_matrix = sinkhorn_sort_matrix(
+      k,
+      sort_weights,
+      mask=mask,
+      causal=causal,
+      block_size=block_size,
+      sinkhorn_iterations=sinkhorn_iterations,
+      temperature=temperature,
+    )
+  batch, length, heads = q.shape[:3]
+  real, filled, safe_weight = _sorted_slots(sort_matrix, mask, batch, length, block_size)
+  weights = _block_weights(q, k, sort_matrix, real, filled, safe_weight, causal=causal)
+  nb, b = real.shape[1:]
+  # Sorted slot (a, j) = sum_c mix[a, c, j] x[c, j]: [B, H, a, c, j].
+  p = sort_matrix.astype(_F32)
+  mix = p[..., None] * real[:, None, None].astype(_F32)
+  mix = mix / safe_weight.transpose(0, 3, 1, 2)[:, :, :, None, :]
+  full = jnp.einsum("bhaij,ac->bhaicj", weights[..., :b], jnp.eye(nb, dtype=_F32))
+  full = full + jnp.einsum("bhaij,bhacj->bhaicj", weights[..., b:], mix)
+  full = full.reshape(batch, heads, nb * b, nb * b)[:, :, :length, :length]
+  if mask is not None:
+    full = jnp.where(mask[:, None, :, None], full, 0.0)  # Padded query rows.
+  return full
 
 
 def permutation_matrix(permutation, num_blocks: int) -> np.ndarray:
@@ -418,6 +518,21 @@ class SinkhornAttention(MultiHeadAttention):
       sinkhorn_iterations=self.sinkhorn_iterations,
       temperature=self.temperature,
     )
+
+  def attention_weights(
+    self, x: jax.Array, *, mask: jax.Array | None = None, max_length: int = maps.MAX_MAP_LENGTH
+  ) -> jax.Array:
+    """`MultiHeadAttention.attention_weights`, refusing a length above max_length."""
+    self._check_length(x.shape[1])
+    return super().attention_weights(x, mask=mask, max_length=max_length)
+
+  def map_params(self) -> dict:
+    return {
+      "sort_weights": self.sort_weights[...],
+      "block_size": self.block_size,
+      "sinkhorn_iterations": self.sinkhorn_iterations,
+      "temperature": self.temperature,
+    }
 
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic

@@ -7,10 +7,46 @@ O(L^2) memory per head (it materializes the [q_len, kv_len] logits).
 import jax
 import jax.numpy as jnp
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
 from efficient_transformers.layers import positions
+
+
+@maps.register_weights("softmax")
+def softmax_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  alibi_slopes: jax.Array | None = None,
+  q_offset: int = 0,
+  bias: jax.Array | None = None,
+) -> jax.Array:
+  """The softmax probabilities [batch, heads, q_len, kv_len] float32 of `softmax_attention`
+  (its arguments); rows of padded queries and rows with no visible key are zeros. For
+  inspection at short lengths (`attention.maps`)."""
+  maps.check_map_length("softmax", q.shape[1], k.shape[1], max_length)
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  if alibi_slopes is not None:
+    logits = logits + positions.alibi_bias_for(alibi_slopes, q.shape[1], k.shape[1])[None]
+  if bias is not None:
+    logits = logits + jnp.asarray(bias, jnp.float32)
+  keep = masking.logits_bias(
+    mask, q_length=q.shape[1], kv_length=k.shape[1], causal=causal, q_offset=q_offset
+  )
+  if keep is not None:
+    logits = jnp.where(keep, logits, masking.large_negative(jnp.float32))
+  weights = jax.nn.softmax(logits, axis=-1)
+  if keep is not None:
+    # A row with no visible key would average all values uniformly; make it 0.
+    weights = jnp.where(keep, weights, 0.0)
+  if mask is not None and q.shape[1] == k.shape[1]:
+    weights = jnp.where(mask[:, None, :, None], weights, 0.0)  # Padded query rows.
+  return weights
 
 
 def softmax_attention(
@@ -44,23 +80,17 @@ def softmax_attention(
     (self-attention) and rows with no visible key are zeros.
   """
   masking.check_qkv("softmax", q, k, v, mask)
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-  if alibi_slopes is not None:
-    logits = logits + positions.alibi_bias_for(alibi_slopes, q.shape[1], k.shape[1])[None]
-  if bias is not None:
-    logits = logits + jnp.asarray(bias, jnp.float32)
-  keep = masking.logits_bias(
-    mask, q_length=q.shape[1], kv_length=k.shape[1], causal=causal, q_offset=q_offset
+  weights = softmax_attention_weights(
+    q,
+    k,
+    mask=mask,
+    causal=causal,
+    max_length=max(q.shape[1], k.shape[1]),
+    alibi_slopes=alibi_slopes,
+    q_offset=q_offset,
+    bias=bias,
   )
-  if keep is not None:
-    logits = jnp.where(keep, logits, masking.large_negative(jnp.float32))
-  weights = jax.nn.softmax(logits, axis=-1)
-  if keep is not None:
-    # A row with no visible key would average all values uniformly; make it 0.
-    weights = jnp.where(keep.any(axis=-1, keepdims=True), weights, 0.0)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-  return masking.zero_padded_queries(out, mask).astype(q.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).astype(q.dtype)
 
 
 @register("softmax")
@@ -88,3 +118,6 @@ class SoftmaxAttention(MultiHeadAttention):
       q_offset=q_offset,
       bias=bias,
     )
+
+  def map_params(self) -> dict:
+    return {"alibi_slopes": self.alibi_slopes()}

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
 from efficient_transformers.attention.local import (
   check_fits_sequence,
@@ -46,6 +46,7 @@ from efficient_transformers.attention.local import (
   masked_exp_parts,
   neighbor_blocks,
   pad_to,
+  pattern_attention_weights,
   to_blocks,
 )
 from efficient_transformers.attention.registry import register
@@ -196,6 +197,45 @@ def _strided(q, k, v, keep, causal, b):
   return (out / jnp.moveaxis(denom, 1, -2)).reshape(q.shape)
 
 
+@maps.register_weights("sparse")
+def sparse_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  pattern: str = "fixed",
+  block_size: int = 50,
+  num_summary: int = 1,
+  stride: int | None = None,
+) -> jax.Array:
+  """The map [batch, heads, q_len, kv_len] float32 of `sparse_attention` (its arguments).
+
+  The masked softmax under `sparse_pattern` (one softmax over the union of the pattern's
+  two halves, the fixed pattern's summary columns included) and the key mask; rows of
+  padded queries and rows with no visible key are zeros. Quadratic by nature; for
+  inspection at short lengths (`attention.maps`).
+  """
+  maps.check_map_length("sparse", q.shape[1], k.shape[1], max_length)
+  _check_params(pattern, block_size, num_summary, stride)
+  if pattern == "fixed":
+    check_fits_sequence("sparse", "block_size", block_size, k.shape[1])
+  else:
+    b = block_size if stride is None else stride
+    check_fits_sequence("sparse", "stride" if stride is not None else "block_size", b, k.shape[1])
+  keep = sparse_pattern(
+    q.shape[1],
+    k.shape[1],
+    pattern=pattern,
+    block_size=block_size,
+    num_summary=num_summary,
+    stride=stride,
+    causal=causal,
+  )
+  return pattern_attention_weights(q, k, keep[None, None], mask=mask)
+
+
 def sparse_attention(
   q: jax.Array,
   k: jax.Array,
@@ -302,3 +342,6 @@ class SparseAttention(MultiHeadAttention):
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic
     return sparse_attention(q, k, v, mask=mask, **self._kwargs())
+
+  def map_params(self) -> dict:
+    return {name: value for name, value in self._kwargs().items() if name != "causal"}

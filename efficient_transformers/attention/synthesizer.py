@@ -53,6 +53,9 @@ mixes positions and heads; here W2 is per head and row i of head h is token
 i's (the hand-computed logits test pins this). It has no factorized dense
 form, and mixes by adding the logits with weight 1 each, without learned
 per-head weights.
+
+`synthesizer_attention_weights` returns the softmax weights themselves (the
+map, [L, L] like the logits), for inspection at short lengths (`attention.maps`).
 """
 
 import math
@@ -61,7 +64,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient_transformers.attention import masking
+from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_positive_int
@@ -188,6 +191,35 @@ def factorized_random_synthesizer_logits(
   return jnp.einsum("hlr,hmr->hlm", r1, r2)[None]
 
 
+def _synthesizer_softmax(
+  synth_logits: jax.Array,
+  batch: int,
+  *,
+  q: jax.Array | None,
+  k: jax.Array | None,
+  mask: jax.Array | None,
+  causal: bool,
+  mix_weights: tuple[jax.Array, jax.Array] | None,
+) -> jax.Array:
+  """The softmax weights [batch, heads, q_len, kv_len] float32 of (checked) arguments of
+  `synthesizer_attention`: masked keys get zero, rows with no visible key are zero."""
+  heads, q_length, kv_length = synth_logits.shape[1:]
+  logits = jnp.broadcast_to(synth_logits.astype(_F32), (batch, heads, q_length, kv_length))
+  if mix_weights is not None:
+    a1, a2 = (jnp.broadcast_to(jnp.asarray(w, _F32), (heads,)) for w in mix_weights)
+    dot = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32)
+    dot = dot * (q.shape[-1] ** -0.5)
+    logits = a1[None, :, None, None] * logits + a2[None, :, None, None] * dot
+  keep = masking.logits_bias(mask, q_length=q_length, kv_length=kv_length, causal=causal)
+  if keep is not None:
+    logits = jnp.where(keep, logits, masking.large_negative(_F32))
+  weights = jax.nn.softmax(logits, axis=-1)
+  if keep is not None:
+    # A row with no visible key would average all values uniformly; make it 0.
+    weights = jnp.where(keep.any(axis=-1, keepdims=True), weights, 0.0)
+  return weights
+
+
 def synthesizer_attention(
   synth_logits: jax.Array,
   v: jax.Array,
@@ -233,27 +265,59 @@ def synthesizer_attention(
   if mask is not None and mask.shape != (batch, kv_length):
     raise ValueError(f"synthesizer: mask must be [batch, kv_length] = {(batch, kv_length)}.")
   q_length = synth_logits.shape[2]
-  logits = jnp.broadcast_to(synth_logits.astype(_F32), (batch, heads, q_length, kv_length))
   if mix_weights is not None:
     if q is None or k is None:
       raise ValueError("synthesizer: mixing with dot-product attention needs q and k.")
     masking.check_qkv("synthesizer", q, k, v, mask)
     if q.shape[1] != q_length:
       raise ValueError(f"synthesizer: q length {q.shape[1]} != synth_logits rows {q_length}.")
-    a1, a2 = (jnp.broadcast_to(jnp.asarray(w, _F32), (heads,)) for w in mix_weights)
-    dot = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_F32)
-    dot = dot * (q.shape[-1] ** -0.5)
-    logits = a1[None, :, None, None] * logits + a2[None, :, None, None] * dot
-  keep = masking.logits_bias(mask, q_length=q_length, kv_length=kv_length, causal=causal)
-  if keep is not None:
-    logits = jnp.where(keep, logits, masking.large_negative(_F32))
-  weights = jax.nn.softmax(logits, axis=-1)
-  if keep is not None:
-    # A row with no visible key would average all values uniformly; make it 0.
-    weights = jnp.where(keep.any(axis=-1, keepdims=True), weights, 0.0)
+  weights = _synthesizer_softmax(
+    synth_logits, batch, q=q, k=k, mask=mask, causal=causal, mix_weights=mix_weights
+  )
   out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
   out_dtype = v.dtype if q is None else q.dtype
   return masking.zero_padded_queries(out, mask).astype(out_dtype)
+
+
+@maps.register_weights("synthesizer")
+def synthesizer_attention_weights(
+  q: jax.Array,
+  k: jax.Array,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  max_length: int = maps.MAX_MAP_LENGTH,
+  synth_logits: jax.Array,
+  mix_weights: tuple[jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+  """The map [batch, heads, q_len, kv_len] float32 of `synthesizer_attention` (its arguments).
+
+  The softmax of the synthesized logits (any form's, from its `*_synthesizer_logits`
+  function), mixed with the dot-product logits q k^T / sqrt(d) where `mix_weights` is
+  given. q and k are used only by the mixture. Rows of real queries sum to 1; padded
+  (and, causal, later) keys get zero weight; padded query rows (q_len == kv_len) are
+  zero. Quadratic by nature; for inspection at short lengths (`attention.maps`).
+  """
+  maps.check_map_length("synthesizer", q.shape[1], k.shape[1], max_length)
+  batch, q_length, heads = q.shape[:3]
+  kv_length = k.shape[1]
+  if (
+    synth_logits.ndim != 4
+    or synth_logits.shape[0] not in (1, batch)
+    or synth_logits.shape[1:] != (heads, q_length, kv_length)
+  ):
+    raise ValueError(
+      f"synthesizer: synth_logits must be [batch or 1, {heads}, {q_length}, {kv_length}] for "
+      f"q {q.shape} and k {k.shape}; got {synth_logits.shape}."
+    )
+  if mask is not None and mask.shape != (batch, kv_length):
+    raise ValueError(f"synthesizer: mask must be [batch, kv_length] = {(batch, kv_length)}.")
+  weights = _synthesizer_softmax(
+    synth_logits, batch, q=q, k=k, mask=mask, causal=causal, mix_weights=mix_weights
+  )
+  if mask is not None and q_length == kv_length:
+    weights = jnp.where(mask[:, None, :, None], weights, 0.0)  # Padded query rows.
+  return weights
 
 
 @register("synthesizer")
@@ -361,9 +425,12 @@ class SynthesizerAttention(MultiHeadAttention):
       self.random_factor_1[...], self.random_factor_2[...], length
     )
 
+  def mix_weights(self) -> tuple[jax.Array, jax.Array] | None:
+    """The mixture's per-head (a1, a2) with mix_dot_product, else None."""
+    return (self.mix_synthesized[...], self.mix_dot[...]) if self.mix_dot_product else None
+
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic
-    mix = (self.mix_synthesized[...], self.mix_dot[...]) if self.mix_dot_product else None
     return synthesizer_attention(
       self.synthesized_logits(q),
       v,
@@ -371,5 +438,29 @@ class SynthesizerAttention(MultiHeadAttention):
       k=k,
       mask=mask,
       causal=self.causal,
-      mix_weights=mix,
+      mix_weights=self.mix_weights(),
+    )
+
+  def map_params(self) -> dict:
+    return {"mix_weights": self.mix_weights()}
+
+  def attention_weights(
+    self, x: jax.Array, *, mask: jax.Array | None = None, max_length: int = maps.MAX_MAP_LENGTH
+  ) -> jax.Array:
+    """The map [batch, heads, L, L] of self-attention over x (`MultiHeadAttention`'s).
+
+    The dense forms' logits depend on x through the queries, so they are synthesized
+    here, from the same q the call uses, rather than by `map_params`.
+    """
+    maps.check_map_length("synthesizer", x.shape[1], x.shape[1], max_length)
+    q, k = self.rotate(self.query(x)), self.rotate(self.key(x))
+    return maps.attention_weights(
+      "synthesizer",
+      q,
+      k,
+      mask=mask,
+      causal=self.causal,
+      max_length=max_length,
+      synth_logits=self.synthesized_logits(q),
+      **self.map_params(),
     )

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from absl import app, flags
 
 from efficient_transformers import paths
-from efficient_transformers.errors import UserError
+from efficient_transformers.errors import ConfigError, UserError
 
 
 def _user_error_in_chain(exc: BaseException) -> UserError | None:
@@ -28,8 +28,15 @@ def _user_error_in_chain(exc: BaseException) -> UserError | None:
   return None
 
 
-def _load_config(spec: str):
+def load_config(spec: str):
+  """The config of `FILE[:ARGS]`, as --config=FILE[:ARGS] gives it (for commands that take
+  a config spec as a plain string)."""
   path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(
+      f"--config={spec}: there is no config file {os.path.abspath(path)}. Give the path of a "
+      "file in configs/ (relative to the current directory, e.g. configs/lra/listops.py:smoke)."
+    )
   module_spec = importlib.util.spec_from_file_location("_config_for_check", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -42,7 +49,7 @@ def _unknown_override(argv: list[str]) -> str | None:
   if spec is None:
     return None
   try:
-    config = _load_config(spec)
+    config = load_config(spec)
   except Exception:  # noqa: BLE001 - the caller reports the original error then.
     return None
   for a in argv:
