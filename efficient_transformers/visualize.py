@@ -18,6 +18,7 @@ training path is not touched) and drawn into --out:
   tokens.png        ListOps, Text, Retrieval: the same attention per token, labelled
                     with the tokens (the first 128).
   sinkhorn.png      attention=sinkhorn: each layer's learned block sort matrix per head.
+  summary.json      per layer and head: mean attention distance and entropy.
   maps.npz          the raw maps (layer{i}: [heads, L, L]), the rollout, the input ids,
                     the label and the prediction, for your own analysis.
 
@@ -70,6 +71,23 @@ def rollout(maps_per_layer: list[np.ndarray]) -> np.ndarray:
     a = a / np.maximum(a.sum(axis=-1, keepdims=True), 1e-12)
     result = a @ result
   return result
+
+
+def head_statistics(maps_per_layer: list[np.ndarray]) -> dict:
+  """Per layer and head: the mean attention distance sum_j A_ij |i - j| and the entropy
+  -sum_j A_ij log A_ij, each averaged over the rows that attend (rows summing to > 0)."""
+  distance, entropy = [], []
+  for weights in maps_per_layer:
+    length = weights.shape[-1]
+    gaps = np.abs(np.arange(length)[:, None] - np.arange(length)[None, :])
+    rows = weights.sum(axis=-1) > 0  # [heads, L]
+    per_row_distance = (weights * gaps).sum(axis=-1)
+    logs = np.log(np.where(weights > 0, weights, 1.0))
+    per_row_entropy = -(weights * logs).sum(axis=-1)
+    count = np.maximum(rows.sum(axis=-1), 1)
+    distance.append(((per_row_distance * rows).sum(-1) / count).round(4).tolist())
+    entropy.append(((per_row_entropy * rows).sum(-1) / count).round(4).tolist())
+  return {"mean_attention_distance": distance, "mean_entropy_nats": entropy}
 
 
 def pooled_attention(matrix: np.ndarray, mask: np.ndarray, pooling: str) -> np.ndarray:
@@ -209,6 +227,22 @@ def draw_example(
       ax.set_ylabel("query block")
     _save(fig, out / "sinkhorn.png")
     written.append("sinkhorn.png")
+  stats = head_statistics(layers)
+  paths.write_text(
+    out / "summary.json",
+    json.dumps(
+      {
+        "task": task,
+        "attention": attention_name,
+        "label": label,
+        "prediction": prediction,
+        "length": real_length,
+        **stats,
+      },
+      indent=1,
+    ),
+  )
+  written.append("summary.json")
   arrays = {f"layer{i}": w for i, w in enumerate(layers)}
   arrays.update(rollout=rolled, ids=ids, label=np.asarray(label), prediction=np.asarray(prediction))
   import io

@@ -81,10 +81,17 @@ VERBATIM_LM = [
 ]
 
 
+def _after_quick_start() -> list[str]:
+  """The README's attention-picture commands: they read the quick start's workdir."""
+  return [c for c in _commands() if c.startswith("python -m efficient_transformers.visualize")]
+
+
 def _how(command: str) -> str:
   """How the README command is exercised here; "" if by no rule."""
   if command in _quick_start() or command in VERBATIM_LM:
     return "verbatim"
+  if command in _after_quick_start():
+    return "verbatim, after the quick start"
   if "--coordinator_address=" in command:
     return "two processes, --dry_run"
   if command.startswith("python -m efficient_transformers.benchmarks.gpu_check"):
@@ -169,6 +176,17 @@ def test_quick_start_runs_verbatim_in_a_fresh_copy(fresh_copy):
   assert results["checkpoint"] == "best" and results["num_examples"] == len(targets) == 500
   # Measured: 37.6% against a 12.0% majority class (README). Clearly above it:
   assert final and final[0]["accuracy"] >= majority + 0.12, (final, majority)
+
+  # The attention pictures of that run, as the README types them.
+  pictures = _after_quick_start()
+  assert len(pictures) >= 2, pictures
+  for command in pictures:
+    done = _shell(command, fresh_copy)
+    assert done.returncode == 0, (command, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    out = fresh_copy / re.search(r"--out=(\S+)", command).group(1)
+    pngs = [p for p in out.iterdir() if p.suffix == ".png"]
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs), (command, pngs)
 
 
 def test_lm_smoke_commands_run_verbatim(fresh_copy):

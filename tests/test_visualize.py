@@ -92,10 +92,10 @@ def test_pictures_of_a_trained_workdir_with_relative_paths(trained, task):
   done = _run(root, *overrides[task], f"--workdir=runs/{task}", "--index=1", f"--out=pics/{task}")
   assert done.returncode == 0, done.stderr[-3000:]
   out = root / "pics" / task
-  expected = {"layer0.png", "rollout.png", "maps.npz"}
+  expected = {"layer0.png", "rollout.png", "maps.npz", "summary.json"}
   expected |= {"input.png"} if task == "pathfinder" else {"tokens.png"}
   assert expected <= {p.name for p in out.iterdir()}
-  for name in expected - {"maps.npz"}:
+  for name in (n for n in expected if n.endswith(".png")):
     pixels = _image(out / name)
     assert pixels.size > 10_000 and pixels.std() > 1.0, name  # Non-empty and not constant.
   saved = np.load(out / "maps.npz")
@@ -159,3 +159,11 @@ def test_bad_input_is_named_and_writes_nothing(trained, tmp_path, change, error,
       config, str(workdir), str(out), split="test", index=0, which="best", max_length=4096
     )
   assert not out.exists()
+
+
+def test_head_statistics_by_hand():
+  # Head 0 attends to itself (distance 0, entropy 0); head 1 uniformly over 2 keys.
+  weights = np.array([[[1.0, 0.0], [0.0, 1.0]], [[0.5, 0.5], [0.5, 0.5]]])
+  stats = visualize.head_statistics([weights])
+  assert stats["mean_attention_distance"] == [[0.0, 0.5]]
+  np.testing.assert_allclose(stats["mean_entropy_nats"], [[0.0, np.log(2)]], atol=1e-4)

@@ -241,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--workdir", default=None, help="the trained run's workdir")
   parser.add_argument("--num_examples", type=int, default=8, help="test examples of the run")
   report.add_out_flag(parser, "approximation.md, approximation.csv and approximation.png")
+  parser.add_argument(
+    "--dry_run",
+    action="store_true",
+    help="check the flags, --out and that every variant builds at every knob; measure nothing",
+  )
   args = parser.parse_args(argv)
   out = report.prepare_out(args.out)
   report.check_positive(args, ("length", "batch", "heads", "head_dim", "seeds", "num_examples"))
@@ -249,6 +254,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     knob_grid(name, args.length)  # An unknown variant, before any work.
   if bool(args.config) != bool(args.workdir):
     raise ConfigError("--config and --workdir go together (a trained run's q and k).")
+  if args.dry_run:
+    for name in names:
+      knob, values, fixed = knob_grid(name, args.length)
+      for value in values:
+        nnx.eval_shape(
+          lambda name=name, kwargs={**fixed, knob: value}: attention.make(
+            name,
+            in_features=args.heads * args.head_dim,
+            num_heads=args.heads,
+            head_dim=args.head_dim,
+            rngs=nnx.Rngs(0),
+            **kwargs,
+          )
+        )
+    print(report.dry_run_line(f"{len(names)} variant(s) build at every knob", out))
+    return 0
   sources = {"random": random_qkv(args.batch, args.length, args.heads, args.head_dim)}
   if args.config:
     from efficient_transformers.training import cli
