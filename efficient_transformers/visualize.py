@@ -34,7 +34,6 @@ import json
 import math
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
@@ -295,14 +294,8 @@ def draw_patterns(out, length: int) -> str:
 
 def visualize_example(config, workdir, out, *, split, index, which, max_length) -> list[str]:
   """Restores the run's checkpoint `which`, captures example `index` of `split`, draws it."""
-  from flax import nnx
-
   from efficient_transformers.attention import maps
-  from efficient_transformers.data import tasks
-  from efficient_transformers.errors import CheckpointError
-  from efficient_transformers.training import checkpointing, state
-  from efficient_transformers.training import workdir as workdir_lib
-  from efficient_transformers.training.evaluation import model_fingerprint
+  from efficient_transformers.training import eval_lib
 
   model_cfg = config.model
   if model_cfg.get("kind") not in ("classifier", "dual_encoder"):
@@ -317,29 +310,11 @@ def visualize_example(config, workdir, out, *, split, index, which, max_length) 
       "with model.scan_layers=True (its parameters are stacked), which it cannot capture.",
       argument="scan_layers",
     )
-  workdir = workdir_lib.prepare(workdir, create=False)
-  spec = tasks.describe(config)
-  task = tasks.load(config, generate=False)
+  model, task, setup = eval_lib.restore_model(config, workdir, which=which)
   arrays = task.splits[split]
   size = len(next(iter(arrays.values())))
   if not 0 <= index < size:
     raise DataError(f"--index={index} is outside the {split} split (0 .. {size - 1}).")
-  ckpt = checkpointing.Checkpointer(
-    workdir,
-    fingerprint=model_fingerprint(config, spec),
-    best_metric=spec.best_metric,
-    best_mode=spec.best_mode,
-  )
-  if ckpt.latest_step() is None and ckpt.best_step() is None:
-    raise CheckpointError(
-      f"No checkpoint in {workdir}. Train first: python train.py --config=... --workdir={workdir}"
-    )
-  if which == "best" and ckpt.best_step() is None:
-    which = "latest"
-  setup = state.make_setup(config, spec)
-  _, params = ckpt.restore_params(setup.abstract_state["params"], which=which)
-  ckpt.close()
-  model = nnx.merge(setup.graphdef, jax.device_get(params), jax.device_get(setup.rest))
   inputs = [jnp.asarray(arrays[name][index : index + 1]) for name in setup.input_names]
   with maps.capture(max_length=max_length) as records:
     logits = model(*inputs, deterministic=True)

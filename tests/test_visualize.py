@@ -167,3 +167,17 @@ def test_head_statistics_by_hand():
   stats = visualize.head_statistics([weights])
   assert stats["mean_attention_distance"] == [[0.0, 0.5]]
   np.testing.assert_allclose(stats["mean_entropy_nats"], [[0.0, np.log(2)]], atol=1e-4)
+
+
+def test_approximation_error_on_a_trained_runs_queries_and_keys(trained):
+  """The approximation benchmark's `trained` source: the first layer's q, k, v of the run."""
+  from efficient_transformers.benchmarks import approximation
+
+  root, _ = trained
+  config = tiny_config(root / "data_listops", steps=2)
+  q, k, v, mask = approximation.trained_qkv(config, str(root / "runs" / "listops"), num_examples=4)
+  # tiny_config: 32 tokens + CLS = 33 positions, cut to 32; 2 heads of 8.
+  assert q.shape == k.shape == v.shape == (4, 32, 2, 8) and mask.shape == (4, 32)
+  rows = approximation.rows_for("local", "trained", q, k, v, mask, seeds=1)
+  errors = [r["map_error"] for r in rows]
+  assert errors[-1] < 1e-5 < errors[0]  # The widest window is exact, the narrowest is not.

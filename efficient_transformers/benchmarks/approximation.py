@@ -153,25 +153,9 @@ def random_qkv(batch: int, length: int, heads: int, head_dim: int, seed: int = 0
 def trained_qkv(config, workdir, *, num_examples: int):
   """q, k, v of the first attention layer of a trained run, for test examples 0..n-1,
   cut to the first power-of-two many positions; and their key mask."""
-  from efficient_transformers.data import tasks
-  from efficient_transformers.training import checkpointing, state
-  from efficient_transformers.training import workdir as workdir_lib
-  from efficient_transformers.training.evaluation import model_fingerprint
+  from efficient_transformers.training import eval_lib
 
-  workdir = workdir_lib.prepare(workdir, create=False)
-  spec = tasks.describe(config)
-  task = tasks.load(config, generate=False)
-  ckpt = checkpointing.Checkpointer(
-    workdir,
-    fingerprint=model_fingerprint(config, spec),
-    best_metric=spec.best_metric,
-    best_mode=spec.best_mode,
-  )
-  which = "best" if ckpt.best_step() is not None else "latest"
-  setup = state.make_setup(config, spec)
-  _, params = ckpt.restore_params(setup.abstract_state["params"], which=which)
-  ckpt.close()
-  model = nnx.merge(setup.graphdef, jax.device_get(params), jax.device_get(setup.rest))
+  model, task, setup = eval_lib.restore_model(config, workdir)
   arrays = task.splits["test"]
   inputs = [jnp.asarray(arrays[name][:num_examples]) for name in setup.input_names]
   with maps.capture() as records:

@@ -35,6 +35,46 @@ def _check_writable(path) -> None:
     probe.unlink()
 
 
+def open_checkpoints(
+  config: ml_collections.ConfigDict, workdir, spec
+) -> checkpointing.Checkpointer:
+  """The run's checkpointer; a CheckpointError naming the workdir if it holds none."""
+  ckpt = checkpointing.Checkpointer(
+    workdir,
+    fingerprint=model_fingerprint(config, spec),
+    best_metric=spec.best_metric,
+    best_mode=spec.best_mode,
+  )
+  if ckpt.latest_step() is None and ckpt.best_step() is None:
+    ckpt.close()
+    raise CheckpointError(
+      f"No checkpoint in {workdir}. Train first: python train.py --config=... --workdir={workdir}"
+    )
+  return ckpt
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir, *, which: str | int = "best"):
+  """The trained model of a run, for inspection on one host: (model, task, setup).
+
+  Restores checkpoint `which` params-only ("best" falls back to the latest checkpoint when
+  no evaluation has picked a best yet) and merges it into an `nnx.Module` whose arrays are
+  on the default device.
+  """
+  from flax import nnx
+
+  workdir = workdir_lib.prepare(workdir, create=False)
+  spec = tasks.describe(config)
+  task = tasks.load(config, generate=False)  # A wrong data_dir is named first.
+  ckpt = open_checkpoints(config, workdir, spec)
+  if which == "best" and ckpt.best_step() is None:
+    which = "latest"
+  setup = state.make_setup(config, spec)
+  _, params = ckpt.restore_params(setup.abstract_state["params"], which=which)
+  ckpt.close()
+  model = nnx.merge(setup.graphdef, jax.device_get(params), jax.device_get(setup.rest))
+  return model, task, setup
+
+
 def evaluate_checkpoint(
   config: ml_collections.ConfigDict,
   workdir,
@@ -60,16 +100,7 @@ def evaluate_checkpoint(
   spec = tasks.describe(config)
   objective = state.make_objective(config.model, spec)  # A wrong model kind is named first.
   task = tasks.load(config, generate=False)  # A wrong data_dir is named first.
-  ckpt = checkpointing.Checkpointer(
-    workdir,
-    fingerprint=model_fingerprint(config, spec),
-    best_metric=spec.best_metric,
-    best_mode=spec.best_mode,
-  )
-  if ckpt.latest_step() is None and ckpt.best_step() is None:
-    raise CheckpointError(
-      f"No checkpoint in {workdir}. Train first: python train.py --config=... --workdir={workdir}"
-    )
+  ckpt = open_checkpoints(config, workdir, spec)
   if which == "best" and ckpt.best_step() is None:
     raise CheckpointError(f"{workdir} has no best checkpoint yet (no evaluation has run).")
   if jax.process_index() == 0:
