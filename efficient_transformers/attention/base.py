@@ -276,7 +276,9 @@ class MultiHeadAttention(nnx.Module):
 
   def map_params(self) -> dict:
     """The kwargs and parameters of this variant's map function (`maps.attention_weights`)
-    beyond q, k, mask and causal: its block sizes, random features, projections, ..."""
+    beyond q, k, mask and causal: its block sizes, random features, projections, ...
+    Variants whose attention function takes the same ones pass them from here in `attend`,
+    so the map and the output read one list."""
     return {}
 
   def _self_attention(self, x, *, mask, deterministic):

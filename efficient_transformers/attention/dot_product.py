@@ -263,15 +263,7 @@ class DotProductAttention(MultiHeadAttention):
   def attend(self, q, k, v, *, mask, deterministic, q_offset=0, bias=None):
     del deterministic
     return dot_product_attention(
-      q,
-      k,
-      v,
-      mask=mask,
-      causal=self.causal,
-      implementation=self.implementation,
-      alibi_slopes=self.alibi_slopes(),
-      q_offset=q_offset,
-      bias=bias,
+      q, k, v, mask=mask, causal=self.causal, q_offset=q_offset, bias=bias, **self.map_params()
     )
 
   def map_params(self) -> dict:

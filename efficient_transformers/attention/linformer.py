@@ -237,8 +237,7 @@ class LinformerAttention(MultiHeadAttention):
 
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic
-    f = None if self.value_projection is None else self.value_projection[...]
-    return linformer_attention(q, k, v, self.key_projection[...], f, mask=mask, causal=self.causal)
+    return linformer_attention(q, k, v, mask=mask, causal=self.causal, **self.map_params())
 
   def map_params(self) -> dict:
     f = None if self.value_projection is None else self.value_projection[...]

@@ -300,16 +300,7 @@ class LocalAttention(MultiHeadAttention):
 
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic
-    return local_attention(
-      q,
-      k,
-      v,
-      mask=mask,
-      causal=self.causal,
-      block_size=self.block_size,
-      num_neighbors=self.num_neighbors,
-      alibi_slopes=self.alibi_slopes(),
-    )
+    return local_attention(q, k, v, mask=mask, causal=self.causal, **self.map_params())
 
   def map_params(self) -> dict:
     return dict(

@@ -340,15 +340,7 @@ class MemoryEfficientAttention(MultiHeadAttention):
   def attend(self, q, k, v, *, mask, deterministic, q_offset=0):
     del deterministic
     return memory_efficient_attention(
-      q,
-      k,
-      v,
-      mask=mask,
-      causal=self.causal,
-      query_chunk_size=self.query_chunk_size,
-      key_chunk_size=self.key_chunk_size,
-      alibi_slopes=self.alibi_slopes_values(),
-      q_offset=q_offset,
+      q, k, v, mask=mask, causal=self.causal, q_offset=q_offset, **self.map_params()
     )
 
   def map_params(self) -> dict:

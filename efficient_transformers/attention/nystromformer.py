@@ -288,16 +288,7 @@ class NystromformerAttention(MultiHeadAttention):
 
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic
-    return nystromformer_attention(
-      q,
-      k,
-      v,
-      mask=mask,
-      causal=self.causal,
-      num_landmarks=self.num_landmarks,
-      pinv_iterations=self.pinv_iterations,
-      conv_kernel=None if self.conv_kernel is None else self.conv_kernel[...],
-    )
+    return nystromformer_attention(q, k, v, mask=mask, causal=self.causal, **self.map_params())
 
   def map_params(self) -> dict:
     return {

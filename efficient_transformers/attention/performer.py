@@ -274,16 +274,7 @@ class PerformerAttention(KernelizedAttention):
 
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic
-    return performer_attention(
-      q,
-      k,
-      v,
-      self.features[...],
-      mask=mask,
-      causal=self.causal,
-      kernel=self.kernel,
-      chunk_size=self.chunk_size,
-    )
+    return performer_attention(q, k, v, mask=mask, causal=self.causal, **self.map_params())
 
   def map_params(self) -> dict:
     return {"features": self.features[...], "kernel": self.kernel, "chunk_size": self.chunk_size}

@@ -537,14 +537,4 @@ class SinkhornAttention(MultiHeadAttention):
   def attend(self, q, k, v, *, mask, deterministic):
     del deterministic
     self._check_length(k.shape[1])
-    return sinkhorn_attention(
-      q,
-      k,
-      v,
-      self.sort_weights[...],
-      mask=mask,
-      causal=self.causal,
-      block_size=self.block_size,
-      sinkhorn_iterations=self.sinkhorn_iterations,
-      temperature=self.temperature,
-    )
+    return sinkhorn_attention(q, k, v, mask=mask, causal=self.causal, **self.map_params())
