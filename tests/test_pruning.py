@@ -116,3 +116,51 @@ def test_bad_settings_are_named(kwargs, message):
     pruning.cubic_sparsity(**kwargs)
   with pytest.raises(ConfigError, match="scope='rows'"):
     pruning.magnitude_pruning(lambda s: 0.0, scope="rows")
+
+
+def test_training_prunes_on_schedule_and_logs_sparsity(tmp_path):
+  """config.pruning through train.py's loop: the logged sparsity follows the schedule, the
+  saved weights end at the target, and a bad sparsity changes nothing in the workdir."""
+  import json
+  import os
+
+  from efficient_transformers.training import eval_lib, optimizers
+  from efficient_transformers.training.train_lib import train_and_evaluate
+  from tests.helpers import tiny_config
+
+  c = tiny_config(tmp_path / "data", steps=12)
+  c.pruning.final_sparsity, c.pruning.frequency = 0.8, 2
+  c.log_every_steps = 1
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(c, workdir)
+  model, _, _ = eval_lib.restore_model(c, workdir, which="latest")
+  from flax import nnx
+
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  stats = pruning.sparsity_stats(params)
+  n = sum(p.size for p in jax.tree.leaves(params) if p.ndim >= 2)
+  assert abs(stats["sparsity"] - 0.8) <= 1 / n  # end_step -1: 3/4 of 12 steps, so step 8.
+  schedule = optimizers.pruning_schedule(c.pruning, c.num_train_steps)
+  assert (schedule.begin_step, schedule.end_step) == (0, 8)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    train = [r for r in map(json.loads, f) if r["split"] == "train"]
+  assert [r["step"] for r in train] == list(range(1, 13))
+  for r in train:  # After step s the mask is the one computed at optimizer count s - 1.
+    expected = np.floor(float(schedule(r["step"] - 1)) * n) / n
+    assert abs(r["sparsity"] - expected) <= 1 / n, r
+  assert train[-1]["remaining_params"] == stats["remaining_params"]
+
+  before = {
+    name: os.path.getmtime(os.path.join(base, name))
+    for base, _, names in os.walk(workdir)
+    for name in names
+  }
+  c.pruning.final_sparsity = 1.0
+  with pytest.raises(ConfigError, match=r"config.pruning.final_sparsity must be in \[0, 1\); got 1.0"):
+    train_and_evaluate(c, workdir)
+  after = {
+    name: os.path.getmtime(os.path.join(base, name))
+    for base, _, names in os.walk(workdir)
+    for name in names
+  }
+  assert after == before

@@ -459,15 +459,44 @@ class Checkpointer:
       )
     return manager, steps
 
+  def stored(self, which: str | int = "best") -> tuple[int, dict, dict[str, tuple]]:
+    """(step, fingerprint, {parameter path: shape}) of checkpoint `which`; reads no array.
+
+    What a caller checks before restoring from another run (a teacher, `init_layers`):
+    its task and vocabulary, and how many layers it has. Paths are "/"-joined below
+    "params" ("encoder/stack/blocks/0/...").
+    """
+    manager, steps = self._candidates(which)
+    step = steps[0]
+    try:
+      meta = manager.item_metadata(step)["state"].tree
+      fingerprint = manager.restore(
+        step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
+      ).fingerprint
+    except Exception as e:  # noqa: BLE001 - reported as the user's damaged checkpoint.
+      raise CheckpointError(f"Checkpoint {manager.directory}/{step} is unreadable: {e}") from None
+    is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+    shapes = {}
+    for path, m in jax.tree_util.tree_leaves_with_path(meta.get("params", {}), is_leaf=is_meta):
+      shapes[_path_str(path)] = tuple(m.shape)
+    return step, fingerprint or {}, shapes
+
   def restore_params(
-    self, abstract_params, *, which: str | int = "best", check_fingerprint: bool = True
+    self,
+    abstract_params,
+    *,
+    which: str | int = "best",
+    check_fingerprint: bool = True,
+    subset: bool = False,
   ) -> tuple[int, Any]:
     """Restores only `state["params"]`: for evaluation and `init_from`.
 
     Neither needs the optimizer or the data iterator, so this works whatever
     the optimizer was and however many processes saved the checkpoint. Only
     the parameters' shapes (and, if `check_fingerprint`, the fingerprint) must
-    match. No fallback past a damaged step: the caller named the step.
+    match. No fallback past a damaged step: the caller named the step. With
+    `subset`, the checkpoint may hold parameters that `abstract_params` does not
+    (a deeper model's other layers); those are not read.
     """
     manager, steps = self._candidates(which)
     step = steps[0]
@@ -486,7 +515,7 @@ class Checkpointer:
       raise CheckpointError(f"Checkpoint {where} is unreadable: {e}") from None
     wanted = {"params": abstract_params}
     self._check_compatible(
-      where, meta, fingerprint if check_fingerprint else None, wanted, partial=True
+      where, meta, fingerprint if check_fingerprint else None, wanted, partial=True, subset=subset
     )
     # The standard handler cannot restore a subtree; a PyTree reader of the same files can.
     reader = ocp.CheckpointManager(
@@ -512,7 +541,14 @@ class Checkpointer:
     return step, restored.state["params"]
 
   def _check_compatible(
-    self, where: str, meta, fingerprint, abstract_state, *, partial: bool = False
+    self,
+    where: str,
+    meta,
+    fingerprint,
+    abstract_state,
+    *,
+    partial: bool = False,
+    subset: bool = False,
   ) -> None:
     """Raises CheckpointError naming how the checkpoint differs from this run."""
     hint = f"Checkpoint {where} does not match this run"
@@ -531,6 +567,8 @@ class Checkpointer:
     wanted = {_path_str(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
     if partial:  # Only the subtree asked for must be there.
       stored = {k: v for k, v in stored.items() if k.split("/")[0] in abstract_state}
+    if subset:  # Only the arrays asked for must be there.
+      stored = {k: v for k, v in stored.items() if k in wanted}
     # Every difference (up to 5), so one failed resume shows the whole story.
     diffs = [
       f"{k!r} is only in the {'checkpoint' if k in stored else 'model'}"

@@ -163,6 +163,9 @@ def lra_base(*, task: str, attention: str, data_dir: str) -> ml_collections.Conf
   c.model.positional = "sinusoidal"  # sinusoidal | learned | axial | rope | alibi | none
   c.model.pooling = "cls"  # cls | mean
   c.model.max_length = 2_000
+  # Heads of each layer after structured head pruning (training/head_pruning.py); () =
+  # num_heads in every layer. Each head keeps qkv_dim / num_heads dimensions.
+  c.model.heads_per_layer = ()
   layer_options(c.model)
   return c
 
@@ -195,10 +198,38 @@ def training_base(*, task: str, data_dir: str) -> ml_collections.ConfigDict:
   c.max_checkpoints_to_keep = 3
   c.num_eval_batches = -1  # -1 = the whole split.
   c.init_from = ""  # A checkpoint directory to start from when the workdir has none.
+  # With init_from: which of the source's layers the blocks start from, "" = all of them in
+  # order; "every_other" (0, 2, 4, ...) or source indices "0,3" for a shallower student.
+  c.init_layers = ""
+
+  # Knowledge distillation (Hinton et al. 2015) from a trained teacher workdir (off while
+  # teacher_workdir is ""): loss = (1 - alpha) CE(labels) + alpha T^2 KL(teacher_T || student_T).
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher_workdir = ""
+  c.distill.teacher_checkpoint = "best"  # best | latest | a step number
+  c.distill.temperature = 2.0
+  c.distill.alpha = 0.5
+  # Weight of the mean squared distance between the student's and the teacher's pooled
+  # features (a classifier whose emb_dim equals the teacher's); 0 = off.
+  c.distill.hidden_weight = 0.0
+
+  # Gradual magnitude pruning (Zhu & Gupta 2017; training/pruning.py), off at 0: the
+  # sparsity rises from initial_sparsity at begin_step to final_sparsity at end_step
+  # (-1 = 3/4 of num_train_steps), the mask recomputed every `frequency` steps.
+  c.pruning = ml_collections.ConfigDict()
+  c.pruning.final_sparsity = 0.0
+  c.pruning.initial_sparsity = 0.0
+  c.pruning.begin_step = 0
+  c.pruning.end_step = -1
+  c.pruning.frequency = 10
+  c.pruning.scope = "global"  # global | per_layer
 
   c.data = ml_collections.ConfigDict()  # The task's own keys.
   c.model = ml_collections.ConfigDict()
   c.model.dtype = "float32"  # Compute dtype; parameters stay float32.
+  # Quantization-aware training with qwix: none | int8_weights | int8 (weights and
+  # activations), fake-quantized in the forward pass, straight-through in the backward.
+  c.model.quantization = "none"
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 0.05

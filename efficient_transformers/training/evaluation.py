@@ -49,7 +49,11 @@ _NOT_IN_FINGERPRINT = (
   "bptt_segments",
   "remat",
   "remat_policy",
+  "quantization",  # Fake quantization in the forward pass changes no parameter.
 )
+# Keys fingerprinted only away from these values, so that checkpoints saved before the key
+# existed still match a config that leaves it at its default.
+_FINGERPRINTED_IF_SET = {"heads_per_layer": ()}
 
 
 STATE_LAYOUT = 2
@@ -66,7 +70,12 @@ def model_fingerprint(config: ml_collections.ConfigDict, task) -> dict:
   # and the attention's keyword arguments (kernel choice, chunk sizes, hash
   # rounds). A kwarg that does change parameters changes their shapes, which the
   # checkpointer compares separately.
-  model = {k: v for k, v in config.model.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+  model = {
+    k: v
+    for k, v in config.model.to_dict().items()
+    if k not in _NOT_IN_FINGERPRINT
+    and not (k in _FINGERPRINTED_IF_SET and tuple(v) == _FINGERPRINTED_IF_SET[k])
+  }
   return {
     # What the train state holds: 2 = params, opt_state, step and, for models
     # with a memory, "carry" (until 2026-12 "memory"). Older checkpoints are

@@ -8,6 +8,7 @@ from absl import logging
 
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.mixers import SSM_PARAMETER_NAMES
+from efficient_transformers.training import pruning
 
 SCHEDULES = ("rsqrt", "cosine", "constant")
 
@@ -75,10 +76,53 @@ def ssm_labels(params) -> dict:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+def pruning_schedule(cfg: ml_collections.ConfigDict | None, num_train_steps: int):
+  """Zhu & Gupta's schedule from `config.pruning`, or None when pruning is off (sparsity 0).
+
+  end_step = -1 ends the schedule at 3/4 of the run (rounded down to a pruning step), so the
+  last quarter fine-tunes the pruned network, as Zhu & Gupta do.
+  """
+  if cfg is None or cfg.final_sparsity == 0.0:
+    return None
+  for key in ("final_sparsity", "initial_sparsity"):
+    if not 0.0 <= cfg[key] < 1.0:
+      raise ConfigError(f"config.pruning.{key} must be in [0, 1); got {cfg[key]}.")
+  if cfg.initial_sparsity > cfg.final_sparsity:
+    raise ConfigError(
+      f"config.pruning.initial_sparsity={cfg.initial_sparsity} must not exceed "
+      f"final_sparsity={cfg.final_sparsity}."
+    )
+  if cfg.scope not in pruning.SCOPES:
+    raise ConfigError(
+      f"config.pruning.scope={cfg.scope!r} is not one of {', '.join(pruning.SCOPES)}."
+    )
+  if not (isinstance(cfg.frequency, int) and cfg.frequency >= 1):
+    raise ConfigError(f"config.pruning.frequency must be an integer >= 1; got {cfg.frequency!r}.")
+  begin, frequency = cfg.begin_step, cfg.frequency
+  end = cfg.end_step
+  if end == -1:
+    end = begin + max((num_train_steps * 3 // 4 - begin) // frequency, 1) * frequency
+  if not 0 <= begin < end or (end - begin) % frequency:
+    raise ConfigError(
+      f"config.pruning needs 0 <= begin_step < end_step with end_step - begin_step a multiple "
+      f"of frequency={frequency}; got begin_step={begin}, end_step={cfg.end_step}."
+    )
+  return pruning.cubic_sparsity(
+    final_sparsity=cfg.final_sparsity,
+    initial_sparsity=cfg.initial_sparsity,
+    begin_step=begin,
+    end_step=end,
+    frequency=frequency,
+  )
+
+
 def make_optimizer(
-  cfg: ml_collections.ConfigDict, num_train_steps: int
+  cfg: ml_collections.ConfigDict,
+  num_train_steps: int,
+  pruning_cfg: ml_collections.ConfigDict | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW (decoupled weight decay) with optional global-norm clipping.
+  """AdamW (decoupled weight decay) with optional global-norm clipping, and optional
+  magnitude pruning (`config.pruning`, `pruning_schedule`) last in the chain.
 
   With `ssm_learning_rate` set, the state-space parameters (`ssm_labels`) are
   a second AdamW group at that peak rate (the same schedule shape) with
@@ -121,4 +165,7 @@ def make_optimizer(
     ssm_schedule = (lambda step: scale * schedule(step)) if cfg.learning_rate else ssm_lr
     groups = {"default": adamw(schedule, cfg.weight_decay), "ssm": adamw(ssm_schedule, ssm_decay)}
     chain.append(optax.multi_transform(groups, ssm_labels))
+  sparsity = pruning_schedule(pruning_cfg, num_train_steps)
+  if sparsity is not None:  # Last: it rewrites the updates so that pruned weights stay 0.
+    chain.append(pruning.magnitude_pruning(sparsity, scope=pruning_cfg.scope))
   return optax.chain(*chain), schedule

@@ -179,3 +179,18 @@ def sparsity_stats(params, prunable: Callable = default_prunable) -> dict[str, f
     "remaining_params": float(sum(int((p != 0).sum()) for p in leaves)),
     "num_params": float(sum(p.size for p in leaves)),
   }
+
+
+def sparsity_metrics(params, prunable: Callable = default_prunable) -> dict[str, jax.Array]:
+  """`sparsity_stats`' "sparsity" and "remaining_params" as traced values: the train
+  step's metrics under pruning."""
+  flags = jax.tree_util.tree_map_with_path(lambda path, p: prunable(path, p), params)
+  leaves, chosen = jax.tree.leaves(params), jax.tree.leaves(flags)
+  pruned = [p for p, keep in zip(leaves, chosen, strict=True) if keep]
+  total = sum(p.size for p in pruned)
+  zeros = sum(jnp.sum(p == 0) for p in pruned) if pruned else jnp.zeros((), jnp.int32)
+  remaining = sum(jnp.sum(p != 0) for p in leaves)
+  return {
+    "sparsity": zeros.astype(jnp.float32) / max(total, 1),
+    "remaining_params": remaining.astype(jnp.float32),
+  }

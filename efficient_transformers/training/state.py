@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from efficient_transformers import models
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.training import objectives, optimizers, sharding, steps
+from efficient_transformers.training import objectives, optimizers, pruning, sharding, steps
 
 
 def build_model(
@@ -175,6 +175,8 @@ class TrainSetup:
   num_params: int
   rules: tuple
   carry: "_CarryInitializer"  # The objective's carry, sharded on its batch axis.
+  # params -> metrics logged every step (pruning's sparsity and remaining parameters).
+  param_metrics: Callable[[dict], dict] | None = None
 
   @property
   def input_names(self) -> tuple[str, ...]:
@@ -208,8 +210,14 @@ class TrainSetup:
     """The objective's empty carry for `batch_size` rows, placed on the mesh (None if none)."""
     return zeros_like_abstract(self.carry.abstract(batch_size, training=training))
 
-  def compile_train_step(self, batch_spec: dict, *, seed: int, grad_accum_steps: int = 1):
-    """The train step compiled ahead of time, state donated: (state, batch) -> (state, metrics)."""
+  def compile_train_step(
+    self, batch_spec: dict, *, seed: int, grad_accum_steps: int = 1, teacher=None
+  ):
+    """The train step compiled ahead of time, state donated: (state, batch) -> (state, metrics).
+
+    With a `teacher` (`distill.Teacher`) the step distills from it and takes the teacher's
+    parameters as a third argument, not donated: (state, batch, teacher_params).
+    """
     if grad_accum_steps != 1 and "carry" in self.abstract_state:
       raise ConfigError(
         "config.optimizer.grad_accum_steps must be 1 for a model with a recurrent memory: "
@@ -220,14 +228,19 @@ class TrainSetup:
       rest=self.rest,
       tx=self.tx,
       schedule=self.schedule,
-      objective=self.objective,
+      objective=self.objective if teacher is None else teacher.objective(self.objective),
       seed=seed,
       grad_accum_steps=grad_accum_steps,
+      param_metrics=self.param_metrics,
+      teacher=None if teacher is None else (teacher.graphdef, teacher.rest),
     )
+    args = (self.abstract_state, batch_spec)
+    if teacher is not None:
+      args += (teacher.abstract_params,)
     with self.context(), naming_config_keys():
       return (
         jax.jit(fn, donate_argnums=0, out_shardings=(self.state_shardings, None))
-        .lower(self.abstract_state, batch_spec)
+        .lower(*args)
         .compile()
       )
 
@@ -294,7 +307,10 @@ def make_setup(
 
   init_params = jax.jit(_init_params, out_shardings=param_shardings)
 
-  tx, schedule = optimizers.make_optimizer(config.optimizer, config.num_train_steps)
+  tx, schedule = optimizers.make_optimizer(
+    config.optimizer, config.num_train_steps, config.get("pruning")
+  )
+  pruned = optimizers.pruning_schedule(config.get("pruning"), config.num_train_steps) is not None
   abs_params = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     nnx.to_pure_dict(abstract_params),
@@ -342,6 +358,7 @@ def make_setup(
     num_params=num_params,
     rules=rules,
     carry=carry,
+    param_metrics=pruning.sparsity_metrics if pruned else None,
   )
 
 

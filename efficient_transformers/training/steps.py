@@ -39,8 +39,15 @@ def make_train_step(
   objective,
   seed: int,
   grad_accum_steps: int = 1,
+  param_metrics: Callable[[dict], dict] | None = None,
+  teacher: tuple[nnx.GraphDef, nnx.State] | None = None,
 ) -> Callable:
   """Returns train_step(state, batch) -> (state, metrics); jit it with the state donated.
+
+  `param_metrics(new params)` adds metrics (pruning's sparsity). With a `teacher`
+  (graphdef, rest) the step is train_step(state, batch, teacher_params): the teacher is
+  merged from those parameters (under stop_gradient, never updated), run deterministically
+  and handed to the objective (`distill.DistillationObjective`) as `teacher=`.
 
   The objective scores the batch (`objectives.py`); its carry, if any, is read
   from state["carry"] and the new one (without gradient) written back.
@@ -55,10 +62,17 @@ def make_train_step(
   # Its own stream: parameter init draws from jax.random.key(seed) itself.
   base_key = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
 
-  def sums_and_grads(params, batch, carry, dropout_key):
+  def sums_and_grads(params, batch, carry, dropout_key, teacher_params=None):
+    extra = {}
+    if teacher is not None:
+      teacher_graphdef, teacher_rest = teacher
+      extra["teacher"] = _merge(
+        teacher_graphdef, jax.lax.stop_gradient(teacher_params), teacher_rest
+      )
+
     def loss_fn(p):
       model = _merge(graphdef, p, rest, dropout_key)
-      sums, new_carry, aux = objective.apply(model, batch, carry, deterministic=False)
+      sums, new_carry, aux = objective.apply(model, batch, carry, deterministic=False, **extra)
       loss = sums["loss_sum"]
       if aux:  # Static: an objective without auxiliary losses keeps the plain graph.
         loss = loss + sum(aux.values()) * sums["count"]
@@ -67,12 +81,12 @@ def make_train_step(
     (_, (sums, new_carry, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return sums, grads, new_carry, aux
 
-  def train_step(state, batch):
+  def train_step(state, batch, teacher_params=None):
     params = state["params"]
     step_key = jax.random.fold_in(base_key, state["step"])
     carry = state.get("carry")
     if grad_accum_steps == 1:
-      sums, grads, carry, aux = sums_and_grads(params, batch, carry, step_key)
+      sums, grads, carry, aux = sums_and_grads(params, batch, carry, step_key, teacher_params)
     else:
       k = grad_accum_steps
 
@@ -85,12 +99,13 @@ def make_train_step(
       micro = jax.tree.map(split, batch)
       first = jax.tree.map(lambda x: x[0], micro)
       shapes = jax.eval_shape(
-        lambda: sums_and_grads(params, first, carry, step_key)[::3]  # (sums, aux)
+        lambda: sums_and_grads(params, first, carry, step_key, teacher_params)[::3]  # sums, aux
       )
 
       def body(total, xs):
         i, mb = xs
-        sums, grads, _, aux = sums_and_grads(params, mb, carry, jax.random.fold_in(step_key, i))
+        key = jax.random.fold_in(step_key, i)
+        sums, grads, _, aux = sums_and_grads(params, mb, carry, key, teacher_params)
         return jax.tree.map(jnp.add, total, (sums, grads, aux)), None
 
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (shapes[0], params, shapes[1]))
@@ -101,6 +116,8 @@ def make_train_step(
     if carry is not None:
       new_state["carry"] = jax.lax.stop_gradient(carry)
     metrics.update({f"aux_{name}": value for name, value in aux.items()})
+    if param_metrics is not None:
+      metrics.update(param_metrics(new_state["params"]))
     return new_state, metrics
 
   return train_step
@@ -122,6 +139,10 @@ def _update(tx, schedule, state, sums, grads, tokens):
     "param_norm": optax.global_norm(new_params),
     "update_norm": optax.global_norm(updates),
   }
+  # An objective's further sums (distillation's "ce_sum", "kl_sum"), per counted unit.
+  for key in sorted(sums):
+    if key.endswith("_sum") and key not in ("loss_sum", "correct_sum"):
+      metrics[key.removesuffix("_sum")] = sums[key] / count
   return {**state, "params": new_params, "opt_state": opt_state, "step": step + 1}, metrics
 
 

@@ -24,7 +24,14 @@ from jax.experimental import multihost_utils
 from efficient_transformers import paths
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError, ConfigError, UserError
-from efficient_transformers.training import checkpointing, optimizers, sharding, state
+from efficient_transformers.training import (
+  checkpointing,
+  distill,
+  initialization,
+  optimizers,
+  sharding,
+  state,
+)
 from efficient_transformers.training import workdir as workdir_lib
 from efficient_transformers.training.evaluation import evaluate, model_fingerprint
 from efficient_transformers.training.metrics import MetricWriter
@@ -83,7 +90,14 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   for key in sorted(config.model.keys()):
     if key.endswith("dropout_rate") and not 0.0 <= config.model[key] < 1.0:
       raise ConfigError(f"config.model.{key} must be in [0, 1); got {config.model[key]}.")
-  optimizers.make_optimizer(config.optimizer, config.num_train_steps)  # Raises on bad values.
+  # Raise on bad values.
+  optimizers.make_optimizer(config.optimizer, config.num_train_steps, config.get("pruning"))
+  distill.check_config(config)
+  if (config.get("init_layers") or "").strip() and not config.init_from:
+    raise ConfigError(
+      f"config.init_layers={config.init_layers!r} chooses layers of config.init_from, which "
+      "is empty: set config.init_from to the trained workdir."
+    )
   optimizers.warn_about(config.optimizer, config.num_train_steps)
   if config.checkpoint_every_steps < 0:
     raise ConfigError(
@@ -129,17 +143,24 @@ def _build(config: ml_collections.ConfigDict, spec: tasks.TaskSpec):
   return setup
 
 
-def _compile_train_step(config: ml_collections.ConfigDict, spec: tasks.TaskSpec, setup):
+def _compile_train_step(
+  config: ml_collections.ConfigDict, spec: tasks.TaskSpec, setup, teacher=None
+):
   batch_spec = setup.abstract_batch(spec.fields, config.batch_size)
   return setup.compile_train_step(
-    batch_spec, seed=config.seed, grad_accum_steps=config.optimizer.grad_accum_steps
+    batch_spec,
+    seed=config.seed,
+    grad_accum_steps=config.optimizer.grad_accum_steps,
+    teacher=teacher,
   )
 
 
-def _compile(config: ml_collections.ConfigDict, spec: tasks.TaskSpec, setup: state.TrainSetup):
+def _compile(
+  config: ml_collections.ConfigDict, spec: tasks.TaskSpec, setup: state.TrainSetup, teacher=None
+):
   """(compiled train step, compiled eval step) for the config's shapes."""
   eval_step = setup.compile_eval_step(setup.abstract_batch(spec.eval_fields, config.batch_size))
-  return _compile_train_step(config, spec, setup), eval_step
+  return _compile_train_step(config, spec, setup, teacher), eval_step
 
 
 def _cost(compiled) -> dict:
@@ -165,8 +186,11 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   _check_config(config)
   spec = tasks.describe(config)
   setup = _build(config, spec)
+  teacher = None
+  if distill.enabled(config):  # Its shapes only: the dry run reads no arrays.
+    teacher = distill.load_teacher(config, spec, setup, restore=False)
   t0 = time.perf_counter()
-  train_step = _compile_train_step(config, spec, setup)
+  train_step = _compile_train_step(config, spec, setup, teacher)
   compile_s = time.perf_counter() - t0
   mib = lambda b: b / 2**20
   report = {
@@ -174,6 +198,7 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
     "model": config.model.kind,
     "attention": config.model.get("attention") or f"{config.model.get('memory')} memory",
     "num_params": setup.num_params,
+    **({"teacher_num_params": teacher.num_params} if teacher is not None else {}),
     "mesh": dict(setup.mesh.shape),
     "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
     "global_batch": config.batch_size,
@@ -295,6 +320,22 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
     setup.num_params,
   )
 
+  # The teacher, read-only on the same mesh: a missing or mismatched one fails here, before
+  # the workdir's config.json is written.
+  teacher = distill.load_teacher(config, spec, setup) if distill.enabled(config) else None
+  teacher_args = () if teacher is None else (teacher.params,)
+  if teacher is not None:
+    logging.info(
+      "Distilling from %s (step %d, %s with %s, %d parameters), T=%g, alpha=%g.",
+      teacher.workdir,
+      teacher.step,
+      teacher.config.model.kind,
+      teacher.config.model.get("attention"),
+      teacher.num_params,
+      teacher.temperature,
+      teacher.alpha,
+    )
+
   # ---------------------------------------------------------------- Checkpoint: resume or start.
   # Before compiling: a workdir of another model is refused without a compile's wait.
   fingerprint = model_fingerprint(config, spec)
@@ -327,21 +368,8 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
       train_iter.set_state(data_state["train_iterator"])
     checkpoints["last"] = step
     logging.info("Resumed from %s at step %d.", workdir, step)
-  elif config.init_from:
-    # Parameters only: the source's optimizer, data position and process count
-    # do not matter, and its attention may differ if the parameters line up.
-    source = checkpointing.Checkpointer(paths.resolve(config.init_from, what="config.init_from"))
-    if source.latest_step() is None and source.best_step() is None:
-      raise CheckpointError(
-        f"config.init_from={config.init_from!r} ({source.workdir}) holds no checkpoint."
-      )
-    which = "best" if source.best_step() is not None else "latest"
-    _, params = source.restore_params(
-      setup.abstract_state["params"], which=which, check_fingerprint=False
-    )
-    source.close()
-    train_state = state.init_state(setup, params=params)
-    logging.info("Initialized parameters from %s (%s).", source.workdir, which)
+  elif config.init_from:  # Parameters only, all layers or config.init_layers.
+    train_state = state.init_state(setup, params=initialization.restore_init_params(config, setup))
   else:
     train_state = state.init_state(setup)
   step = int(jax.device_get(train_state["step"]))
@@ -351,7 +379,7 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
       paths.write_text(workdir / "config.json", text)
 
   # ---------------------------------------------------------------- Update step (compiled AOT).
-  compiled_train_step, eval_step = _compile(config, spec, setup)
+  compiled_train_step, eval_step = _compile(config, spec, setup, teacher)
   memory = compiled_train_step.memory_analysis()
   if memory is not None:
     logging.info(
@@ -414,7 +442,7 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
   while step < config.num_train_steps:
     batch = sharding.global_batch(next(train_iter), setup.batch_sharding)
     with jax.transfer_guard("disallow"):
-      train_state, metrics = compiled_train_step(train_state, batch)
+      train_state, metrics = compiled_train_step(train_state, batch, *teacher_args)
     step += 1
     pending.append((step, metrics))
     writer.advance(step)
