@@ -141,6 +141,20 @@ def test_a_smaller_softmax_student_of_a_performer_teacher_which_stays_read_only(
     np.testing.assert_array_equal(np.asarray(x), y)
 
 
+def test_matching_pooled_features(root, tmp_path):
+  """hidden_weight adds the mean squared distance of the pooled features, logged as
+  `hidden`; a student of another width than the teacher's is refused."""
+  c = _student(root, steps=2, alpha=0.5, hidden_weight=3.0)
+  train_and_evaluate(c, str(tmp_path / "hidden"))
+  for r in _records(str(tmp_path / "hidden")):
+    assert r["hidden"] > 0
+    expected = 0.5 * r["ce"] + 0.5 * 4.0 * r["kl"] + 3.0 * r["hidden"]
+    np.testing.assert_allclose(r["loss"], expected, rtol=1e-5)
+  c.model.emb_dim = c.model.qkv_dim = 32
+  with pytest.raises(ConfigError, match=r"hidden_weight > 0 matches pooled features"):
+    train_and_evaluate(c, str(tmp_path / "wide"))
+
+
 def test_dry_run_counts_the_teacher(root):
   report = dry_run(_student(root))
   assert report["teacher_num_params"] > report["num_params"]
@@ -151,7 +165,7 @@ def test_teacher_workdir_errors(root, tmp_path):
   empty.mkdir()
   c = _student(root)
   c.distill.teacher_workdir = str(empty)
-  with pytest.raises(CheckpointError, match=r"config.distill.teacher_workdir=.*holds no checkpoint"):
+  with pytest.raises(CheckpointError, match=r"teacher_workdir=.*holds no checkpoint"):
     train_and_evaluate(c, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "config.json").exists()
   # A teacher of another task.

@@ -86,6 +86,24 @@ def test_train_eval_resume_and_damage_in_a_bucket(gcs, tmp_path):
   drawn_names = {p.name for p in epath.Path(pictures).iterdir()}
   assert {"layer0.png", "rollout.png", "tokens.png", "maps.npz"} <= drawn_names
 
+  # A student distilled from the bucket's run into the bucket, and scored there in int8.
+  student = f"gs://{BUCKET}/runs/student"
+  distilled = _run(
+    gcs,
+    "train.py",
+    *flags,
+    "--config.num_train_steps=2",
+    f"--config.distill.teacher_workdir={url}",
+    f"--workdir={student}",
+  )
+  assert distilled.returncode == 0, distilled.stderr[-3000:]
+  lines = (epath.Path(student) / "metrics.jsonl").read_text().splitlines()
+  assert "kl" in [r for r in map(json.loads, lines) if r["split"] == "train"][-1]
+  quantized = _run(gcs, "eval.py", *flags, "--quantize=int8", f"--workdir={student}")
+  assert quantized.returncode == 0, quantized.stderr[-3000:]
+  int8 = json.loads((epath.Path(student) / "results_int8.json").read_text())
+  assert int8["quantize"] == "int8" and int8["num_examples"] == 20
+
   resumed = _run(gcs, "train.py", *flags, "--config.num_train_steps=6", f"--workdir={url}")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"Resumed from {workdir} at step 4" in resumed.stderr

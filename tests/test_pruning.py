@@ -156,7 +156,7 @@ def test_training_prunes_on_schedule_and_logs_sparsity(tmp_path):
     for name in names
   }
   c.pruning.final_sparsity = 1.0
-  with pytest.raises(ConfigError, match=r"config.pruning.final_sparsity must be in \[0, 1\); got 1.0"):
+  with pytest.raises(ConfigError, match=r"final_sparsity must be in \[0, 1\); got 1.0"):
     train_and_evaluate(c, workdir)
   after = {
     name: os.path.getmtime(os.path.join(base, name))

@@ -82,8 +82,15 @@ VERBATIM_LM = [
 
 
 def _after_quick_start() -> list[str]:
-  """The README's attention-picture commands: they read the quick start's workdir."""
-  return [c for c in _commands() if c.startswith("python -m efficient_transformers.visualize")]
+  """The README's commands that read the quick start's workdir: the attention pictures, the
+  distilled student and the int8 evaluation."""
+  return [
+    c
+    for c in _commands()
+    if c.startswith("python -m efficient_transformers.visualize")
+    or (c.startswith("python eval.py") and "--quantize=" in c)
+    or "--config.distill.teacher_workdir=workdirs/" in c
+  ]
 
 
 def _how(command: str) -> str:
@@ -177,16 +184,25 @@ def test_quick_start_runs_verbatim_in_a_fresh_copy(fresh_copy):
   # Measured: 37.6% against a 12.0% majority class (README). Clearly above it:
   assert final and final[0]["accuracy"] >= majority + 0.12, (final, majority)
 
-  # The attention pictures of that run, as the README types them.
-  pictures = _after_quick_start()
-  assert len(pictures) >= 2, pictures
-  for command in pictures:
-    done = _shell(command, fresh_copy)
+  # The commands that read that run, as the README types them: the attention pictures, a
+  # distilled student, and int8 post-training quantization scored by eval.py.
+  after = _after_quick_start()
+  assert len(after) >= 4, after
+  for command in after:
+    done = _shell(command, fresh_copy, fast_compile="distill" not in command)
     assert done.returncode == 0, (command, done.stderr[-3000:])
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    out = fresh_copy / re.search(r"--out=(\S+)", command).group(1)
-    pngs = [p for p in out.iterdir() if p.suffix == ".png"]
-    assert pngs and all(p.stat().st_size > 1000 for p in pngs), (command, pngs)
+    if "visualize" in command:
+      out = fresh_copy / re.search(r"--out=(\S+)", command).group(1)
+      pngs = [p for p in out.iterdir() if p.suffix == ".png"]
+      assert pngs and all(p.stat().st_size > 1000 for p in pngs), (command, pngs)
+  student = fresh_copy / "workdirs" / "listops_student" / "validation.json"
+  student = json.loads(student.read_text())
+  assert student["step"] == 400 and student["accuracy"] > majority, student
+  int8 = json.loads((workdir / "results_int8.json").read_text())
+  assert int8["quantize"] == "int8" and int8["param_bytes"] < 0.4 * int8["float32_param_bytes"]
+  # Post-training int8 keeps the test accuracy within a point of the float model's.
+  assert abs(int8["test"]["accuracy"] - results["test"]["accuracy"]) <= 0.01, (int8, results)
 
 
 def test_lm_smoke_commands_run_verbatim(fresh_copy):

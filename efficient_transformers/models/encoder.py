@@ -22,8 +22,9 @@ class Encoder(nnx.Module):
 
   With `use_cls`, a learned CLS vector is prepended (length' = length + 1) and
   counted as a real token in the mask. Padding is token id 0.
-  `reversible`, `share_layers`, `scan_layers`, `remat_policy`: the stack's layer
-  options (see `Stack`).
+  `reversible`, `share_layers`, `scan_layers`, `remat_policy`, `heads_per_layer`: the
+  stack's layer options (see `Stack`); with `heads_per_layer` every head keeps
+  head_dim = qkv_dim // num_heads.
   """
 
   def __init__(
@@ -47,6 +48,7 @@ class Encoder(nnx.Module):
     share_layers: str | int = "none",
     scan_layers: bool = False,
     remat_policy: str = "none",
+    heads_per_layer: tuple[int, ...] | None = None,
     rngs: nnx.Rngs,
     dtype=None,
     param_dtype=jnp.float32,
@@ -86,6 +88,7 @@ class Encoder(nnx.Module):
       share_layers=share_layers,
       scan_layers=scan_layers,
       remat_policy=remat_policy,
+      heads_per_layer=heads_per_layer,
       rngs=rngs,
       dtype=dtype,
       param_dtype=param_dtype,

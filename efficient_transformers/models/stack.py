@@ -10,11 +10,13 @@ or not), a block option or a stack option reaches every model at once.
 Shapes: x [batch, length, features]; mask [batch, length] bool, True = real.
 
 Layer options of the stack (`Stack(reversible=, share_layers=, scan_layers=,
-remat_policy=)`), every default the plain stack above:
+remat_policy=, heads_per_layer=)`), every default the plain stack above:
 - reversible: Reformer's reversible residual layers (layers/reversible.py).
 - share_layers: ALBERT-style parameter sharing across layers.
 - scan_layers: one `nnx.scan` over parameters stacked on a leading "layers" axis.
 - remat_policy: `jax.checkpoint` of each layer, with or without scan.
+- heads_per_layer: a head count per layer (a head-pruned model,
+  `training/head_pruning.py`).
 """
 
 import jax
@@ -180,6 +182,11 @@ class Stack(nnx.Module):
       the rest recomputed); "nothing_saveable" (jax.checkpoint_policies; saves
       what "full" saves). Per layer, with or without scan; not with reversible,
       which recomputes every layer already (a ConfigError).
+    heads_per_layer: None (or ()): num_heads in every layer; else one head
+      count >= 1 per layer, layer i's Block built with heads_per_layer[i] heads
+      of head_dim each (Michel et al. 2019's pruned heads, as genuinely smaller
+      shapes). Only for unlike blocks: not with share_layers, scan_layers,
+      reversible or a memory, which need their blocks alike (a ConfigError).
     The rest: as `Block`, the same for every layer. With a memory, the layer
     options must keep their defaults (a ConfigError names the option).
   """
@@ -203,6 +210,7 @@ class Stack(nnx.Module):
     share_layers: str | int = "none",
     scan_layers: bool = False,
     remat_policy: str = "none",
+    heads_per_layer: tuple[int, ...] | None = None,
     rngs: nnx.Rngs,
     dtype=None,
     param_dtype=jnp.float32,
@@ -228,6 +236,15 @@ class Stack(nnx.Module):
       remat_policy=remat_policy,
       memory=memory,
     )
+    layer_heads = heads_of_layers(
+      heads_per_layer,
+      num_layers,
+      num_heads,
+      shared=self.share_every != 1,
+      reversible=reversible,
+      scan_layers=scan_layers,
+      memory=memory,
+    )
     self.causal = causal
     self.attention_name = attention_name
     self.num_layers = num_layers
@@ -235,10 +252,10 @@ class Stack(nnx.Module):
     self.scan_layers = scan_layers
     self.remat_policy = remat_policy
 
-    def make_block(layer_rngs):
+    def make_block(layer_rngs, heads=num_heads):
       return Block(
         features=features,
-        num_heads=num_heads,
+        num_heads=heads,
         head_dim=head_dim,
         mlp_dim=mlp_dim,
         attention_name=attention_name,
@@ -255,7 +272,7 @@ class Stack(nnx.Module):
     if scan_layers and num_blocks:
       self.blocks = stacked_blocks(make_block, num_blocks, rngs)
     else:
-      self.blocks = nnx.List([make_block(rngs) for _ in range(num_blocks)])
+      self.blocks = nnx.List([make_block(rngs, heads) for heads in layer_heads[:num_blocks]])
     self.final_norm = layer_norm(features, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     self.memory_kind = memory
     if memory != "none":
@@ -498,6 +515,61 @@ def layer_group_size(
           argument=name,
         )
   return every
+
+
+def heads_of_layers(
+  heads_per_layer,
+  num_layers: int,
+  num_heads: int,
+  *,
+  shared: bool = False,
+  reversible: bool = False,
+  scan_layers: bool = False,
+  memory: str = "none",
+) -> tuple[int, ...]:
+  """The head count of each layer: `heads_per_layer` checked, or num_heads everywhere.
+
+  Raises ConfigError (argument "heads_per_layer") for a wrong length, an entry that
+  is not an integer >= 1, or a layer option whose blocks must be alike.
+  """
+  if heads_per_layer is None:
+    return (num_heads,) * num_layers
+  if not isinstance(heads_per_layer, tuple | list):
+    raise ConfigError(
+      f"heads_per_layer={heads_per_layer!r} must be a tuple of head counts, one per layer.",
+      argument="heads_per_layer",
+    )
+  heads = tuple(heads_per_layer)
+  if not heads:
+    return (num_heads,) * num_layers
+  if len(heads) != num_layers:
+    raise ConfigError(
+      f"heads_per_layer={heads!r} gives {len(heads)} head count(s) for num_layers="
+      f"{num_layers}; give one per layer, or () for num_heads in every layer.",
+      argument="heads_per_layer",
+    )
+  for h in heads:
+    if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+      raise ConfigError(
+        f"heads_per_layer={heads!r}: every entry must be an integer >= 1; got {h!r}.",
+        argument="heads_per_layer",
+      )
+  # Shared, scanned and reversible layers run one block structure (one graphdef, or
+  # parameters stacked on one axis) for every layer. The memory stacks are left alike
+  # too: head pruning (training/head_pruning.py) serves the encoder classifiers.
+  for name, active, off in (
+    ("share_layers", shared, "'none'"),
+    ("scan_layers", scan_layers, "False"),
+    ("reversible", reversible, "False"),
+    ("memory", memory != "none", "'none'"),
+  ):
+    if active:
+      raise ConfigError(
+        f"heads_per_layer={heads!r} does not combine with {name}, whose layers are alike; "
+        f"set heads_per_layer=() or {name}={off}.",
+        argument="heads_per_layer",
+      )
+  return heads
 
 
 def stacked_blocks(make_block, num_blocks: int, rngs: nnx.Rngs) -> Block:

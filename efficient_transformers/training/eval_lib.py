@@ -9,7 +9,7 @@ from absl import logging
 from efficient_transformers import paths
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError
-from efficient_transformers.training import checkpointing, state
+from efficient_transformers.training import checkpointing, quantization, state, steps
 from efficient_transformers.training import workdir as workdir_lib
 from efficient_transformers.training.evaluation import evaluate, model_fingerprint
 
@@ -82,6 +82,7 @@ def evaluate_checkpoint(
   which: str | int = "best",
   split: str = "test",
   results_path=None,
+  quantize: str = "none",
 ) -> dict:
   """Restores checkpoint `which`, evaluates `split`, writes the results as JSON.
 
@@ -90,13 +91,20 @@ def evaluate_checkpoint(
     workdir: the run's workdir, as the user wrote it (or gs://...).
     which: "best", "latest" or a step.
     split: the split to evaluate.
-    results_path: where to write the results; default `workdir/results.json`.
+    results_path: where to write the results; default `workdir/results.json`
+      (`workdir/results_<quantize>.json` for a quantized evaluation).
+    quantize: "none", or post-training quantization of the restored float model
+      (`quantization.ptq_model`) before it is evaluated: "int8_weights" or "int8"
+      (weights and activations). The results record the mode and the parameter bytes
+      as stored against float32.
   """
+  # Before anything is read or restored: a mode qwix cannot apply to this model is named.
+  quantization.check_supported(config.model, quantize, post_training=True, what="--quantize")
   workdir = workdir_lib.prepare(workdir, create=False)
   if results_path:
     results_path = paths.resolve(results_path, what="--results")
-  else:
-    results_path = workdir / "results.json"
+  else:  # A quantized evaluation leaves the float one's results as they are.
+    results_path = workdir / ("results.json" if quantize == "none" else f"results_{quantize}.json")
   spec = tasks.describe(config)
   objective = state.make_objective(config.model, spec)  # A wrong model kind is named first.
   task = tasks.load(config, generate=False)  # A wrong data_dir is named first.
@@ -115,7 +123,12 @@ def evaluate_checkpoint(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  eval_step = setup.compile_eval_step(setup.abstract_batch(spec.eval_fields, config.batch_size))
+  eval_batch = setup.abstract_batch(spec.eval_fields, config.batch_size)
+  if quantize == "none":
+    eval_step = setup.compile_eval_step(eval_batch)
+  else:
+    eval_step, params = _compile_quantized_eval_step(config, spec, setup, params, quantize)
+  sizes = quantization.quantized_bytes(params)  # As stored: int8 kernels after quantizing.
   carry = setup.init_carry(config.batch_size, training=False)
   metrics = evaluate(eval_step, params, carry, batches, setup.batch_sharding, objective)
   count = {objective.count_name: int(metrics.pop(objective.count_name))}
@@ -126,8 +139,11 @@ def evaluate_checkpoint(
     **({"memory": config.model.memory} if "memory" in config.model else {}),
     "checkpoint": which,
     "step": int(step),
+    "quantize": quantize,
     split: scores,
     **count,
+    "param_bytes": sizes["param_bytes"],
+    "float32_param_bytes": sizes["float32_param_bytes"],
     "device_kind": jax.devices()[0].device_kind,
     "platform": jax.default_backend(),
     "num_devices": jax.device_count(),
@@ -137,3 +153,36 @@ def evaluate_checkpoint(
       paths.write_text(results_path, json.dumps(results, indent=2))
   logging.info("%s", results)
   return results
+
+
+def _compile_quantized_eval_step(config, spec, setup: state.TrainSetup, params, mode: str):
+  """(eval step, quantized params) of the restored model after post-training quantization.
+
+  The float model is merged on the host as `restore_model` does, quantized by qwix
+  (`quantization.ptq_model`), and its own graph and state (int8 kernels and their scales)
+  compiled into the eval step the float model would get: (params, carry, batch) ->
+  (sums, carry), batches sharded as in training, the quantized params replicated.
+  """
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  model = nnx.merge(setup.graphdef, jax.device_get(params), jax.device_get(setup.rest))
+  inputs = quantization.sample_inputs(model, spec.fields, setup.objective)
+  keys = [k for k in ("kind", "attention", "memory") if k in config.model]
+  what = ", ".join(f"config.model.{k}={config.model[k]!r}" for k in keys)
+  with state.naming_config_keys():
+    quantized = quantization.ptq_model(model, mode, inputs, what=what)
+  graphdef, qparams, rest = nnx.split(quantized, nnx.Param, ...)
+  replicated = NamedSharding(setup.mesh, PartitionSpec())
+  qparams = jax.device_put(qparams, replicated)
+  batch_spec = setup.abstract_batch(spec.eval_fields, config.batch_size)
+  carry = setup.carry.abstract(config.batch_size, training=False)
+  carry_shardings = jax.tree.map(lambda x: x.sharding, carry)
+  fn = steps.make_eval_step(graphdef=graphdef, rest=rest, objective=setup.objective)
+  with setup.context(), state.naming_config_keys():
+    compiled = (
+      jax.jit(fn, donate_argnums=1, out_shardings=(None, carry_shardings))
+      .lower(qparams, carry, batch_spec)
+      .compile()
+    )
+  return compiled, qparams

@@ -17,7 +17,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from efficient_transformers import models
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.training import objectives, optimizers, pruning, sharding, steps
+from efficient_transformers.training import (
+  objectives,
+  optimizers,
+  pruning,
+  quantization,
+  sharding,
+  steps,
+)
 
 
 def build_model(
@@ -99,6 +106,7 @@ def _build_model(
     share_layers=model_cfg.share_layers,
     scan_layers=model_cfg.scan_layers,
     remat_policy=model_cfg.remat_policy,
+    heads_per_layer=tuple(model_cfg.get("heads_per_layer", ())) or None,
     dtype=compute_dtype,
     rngs=rngs,
   )
@@ -284,19 +292,32 @@ def make_setup(
     task: the task's `TaskSpec` (or `TaskData`): vocabulary, classes, objective.
     devices: the devices of the mesh; default all.
   """
+  # Configs saved before quantization existed have no key: they trained in float.
+  quantize = config.model.get("quantization", "none")
+  quantization.check_supported(
+    config.model, quantize, post_training=False, what="config.model.quantization"
+  )
   objective = make_objective(config.model, task)
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = tuple(config.sharding_rules)
 
-  def create():
-    return build_model(
+  def create(*, check: bool = False):
+    model = build_model(
       config.model,
       vocab_size=task.vocab_size,
       num_classes=task.num_classes,
       rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1),
     )
+    if quantize == "none":
+      return model
+    # Quantization-aware training: qwix fakes int8 in the forward pass; the Params, their
+    # tree and their shardings stay the float model's.
+    inputs = quantization.sample_inputs(model, task.fields, objective)
+    with naming_config_keys():
+      return quantization.qat_model(model, quantize, inputs, check=check)
 
-  abstract_model = nnx.eval_shape(create)
+  # Once, abstractly: a model qwix cannot run through fails here, as a ConfigError.
+  abstract_model = nnx.eval_shape(lambda: create(check=True))
   graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
   param_shardings = sharding.param_shardings(abstract_params, mesh, rules)
   # The RNG streams are small; make them concretely, once.

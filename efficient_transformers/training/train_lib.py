@@ -29,6 +29,7 @@ from efficient_transformers.training import (
   distill,
   initialization,
   optimizers,
+  quantization,
   sharding,
   state,
 )
@@ -93,6 +94,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   # Raise on bad values.
   optimizers.make_optimizer(config.optimizer, config.num_train_steps, config.get("pruning"))
   distill.check_config(config)
+  quantization.check_mode(
+    config.model.get("quantization", "none"), what="config.model.quantization"
+  )
   if (config.get("init_layers") or "").strip() and not config.init_from:
     raise ConfigError(
       f"config.init_layers={config.init_layers!r} chooses layers of config.init_from, which "
@@ -128,6 +132,12 @@ def _check_layout(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) ->
       f"config.optimizer.grad_accum_steps) must split over mesh.data x mesh.fsdp = {shards} "
       "devices; change config.batch_size or config.mesh."
     )
+  for heads in config.model.get("heads_per_layer") or ():  # Head-pruned layers shard alike.
+    if heads % mesh.shape["tensor"]:
+      raise ConfigError(
+        f"config.model.heads_per_layer={tuple(config.model.heads_per_layer)} must be "
+        f"divisible by config.mesh.tensor={mesh.shape['tensor']} in every layer."
+      )
   for key, axis in (("num_heads", "tensor"), ("mlp_dim", "tensor"), ("emb_dim", "fsdp")):
     if config.model[key] % mesh.shape[axis]:
       raise ConfigError(
