@@ -32,7 +32,6 @@ against knob, one panel per variant).
 """
 
 import argparse
-import io
 import math
 import sys
 from collections.abc import Sequence
@@ -205,11 +204,7 @@ def plot(rows: list[dict], path) -> None:
     ax.grid(True, which="both", alpha=0.3)
   axes[0][0].set_ylabel("relative Frobenius error")
   axes[0][-1].legend(fontsize=7)
-  fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=110)
-  plt.close(fig)
-  paths.write_bytes(path, buffer.getvalue())
+  report.write_png(fig, path)
 
 
 @report.one_line_errors

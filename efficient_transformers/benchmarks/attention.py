@@ -20,7 +20,6 @@ against length.
 """
 
 import argparse
-import io
 import statistics
 import sys
 import time
@@ -252,11 +251,7 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
     ax.grid(True, which="both", alpha=0.3)
   axes[1].legend(fontsize=8)
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=120)
-  plt.close(fig)
-  paths.write_bytes(path, png.getvalue())
+  report.write_png(fig, path, dpi=120)
   return True
 
 

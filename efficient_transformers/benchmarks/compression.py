@@ -38,7 +38,6 @@ compression.png (accuracy against bytes, and against forward time).
 
 import argparse
 import copy
-import io
 import json
 import sys
 import time
@@ -336,11 +335,7 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xlabel(label)
     ax.grid(True, which="both", alpha=0.3)
   axes[0].set_ylabel("test accuracy (%)")
-  fig.tight_layout()
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=110)
-  plt.close(fig)
-  paths.write_bytes(path, buffer.getvalue())
+  report.write_png(fig, path)
 
 
 @report.one_line_errors

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from etils import epath
 
 from efficient_transformers import attention, paths
+from efficient_transformers.benchmarks import report
 
 # LRA's order; Table 1's average is over the first five (every model FAILed Path-X).
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
@@ -302,11 +303,7 @@ def plot(cells: list[dict], path: str) -> bool:
   ax.set_title(f"LRA: accuracy vs speed, bubble area = memory\n{_devices_text(cells)}", fontsize=9)
   ax.grid(True, alpha=0.3)
   ax.margins(0.2)
-  fig.tight_layout()
-  png = io.BytesIO()
-  fig.savefig(png, format="png", dpi=120)
-  plt.close(fig)
-  paths.write_bytes(path, png.getvalue())
+  report.write_png(fig, path, dpi=120)
   return True
 
 

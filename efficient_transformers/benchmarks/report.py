@@ -167,6 +167,20 @@ def device_line(*, count: bool = False, cpu: bool = False) -> str:
   return f"Device: {device_name(count=count, cpu=cpu)}, jax {jax.__version__}."
 
 
+# ---------------------------------------------------------------- Figures.
+
+
+def write_png(fig, path, *, dpi: int = 110) -> None:
+  """Writes matplotlib figure `fig` to `path` (local or gs://) as a PNG, whole, and closes it."""
+  import matplotlib.pyplot as plt
+
+  fig.tight_layout()
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi)
+  plt.close(fig)
+  paths.write_bytes(path, buffer.getvalue())
+
+
 # ---------------------------------------------------------------- Tables.
 
 

@@ -194,6 +194,18 @@ def _verify_everywhere(step_dir: epath.Path) -> str | None:
   return problem if damaged else None
 
 
+def _metadata(manager: ocp.CheckpointManager, step: int) -> tuple[Any, dict | None]:
+  """(the state's array metadata tree, the fingerprint) of `step`; reads no array."""
+  try:
+    meta = manager.item_metadata(step)["state"].tree
+    fingerprint = manager.restore(
+      step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
+    ).fingerprint
+  except Exception as e:  # noqa: BLE001 - reported as the user's damaged checkpoint.
+    raise CheckpointError(f"Checkpoint {manager.directory}/{step} is unreadable: {e}") from None
+  return meta, fingerprint
+
+
 class Checkpointer:
   """Saves and restores {state, data_state} with keep-N, best-by-metric and checks.
 
@@ -468,13 +480,7 @@ class Checkpointer:
     """
     manager, steps = self._candidates(which)
     step = steps[0]
-    try:
-      meta = manager.item_metadata(step)["state"].tree
-      fingerprint = manager.restore(
-        step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
-      ).fingerprint
-    except Exception as e:  # noqa: BLE001 - reported as the user's damaged checkpoint.
-      raise CheckpointError(f"Checkpoint {manager.directory}/{step} is unreadable: {e}") from None
+    meta, fingerprint = _metadata(manager, step)
     is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
     shapes = {}
     for path, m in jax.tree_util.tree_leaves_with_path(meta.get("params", {}), is_leaf=is_meta):
@@ -506,13 +512,7 @@ class Checkpointer:
       older = [s for s in self._periodic.all_steps() if s < step]
       hint = f" Step {max(older)} is older; try --checkpoint={max(older)}." if older else ""
       raise CheckpointError(f"Checkpoint step {step} ({where}) is damaged: {problem}.{hint}")
-    try:
-      meta = manager.item_metadata(step)["state"].tree
-      fingerprint = manager.restore(
-        step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore())
-      ).fingerprint
-    except Exception as e:  # noqa: BLE001 - reported as the user's damaged checkpoint.
-      raise CheckpointError(f"Checkpoint {where} is unreadable: {e}") from None
+    meta, fingerprint = _metadata(manager, step)
     wanted = {"params": abstract_params}
     self._check_compatible(
       where, meta, fingerprint if check_fingerprint else None, wanted, partial=True, subset=subset
