@@ -65,7 +65,9 @@ from efficient_transformers.training import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
-    arg, {"smoke": False, "attention": "softmax", "segment": 0}, config_file="configs/lra/image.py"
+    arg,
+    {"smoke": False, "attention": "softmax", "segment": 0, "spt": False},
+    config_file="configs/lra/image.py",
   )
   # The TFDS data directory (holds cifar10/3.0.2/).
   c = config_lib.lra_base(task="image", attention=args["attention"], data_dir="data/tfds")
@@ -113,4 +115,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.attention_dropout_rate = 0.0
     c.log_every_steps = 50
     c.optimizer.learning_rate = 1e-3
-  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"], spt=args["spt"])

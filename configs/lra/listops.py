@@ -51,7 +51,7 @@ from efficient_transformers.training import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
     arg,
-    {"smoke": False, "attention": "softmax", "segment": 0},
+    {"smoke": False, "attention": "softmax", "segment": 0, "spt": False},
     config_file="configs/lra/listops.py",
   )
   c = config_lib.lra_base(task="listops", attention=args["attention"], data_dir="data/lra/listops")
@@ -83,4 +83,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every_steps = 200
     c.checkpoint_every_steps = 200
     c.optimizer.warmup_steps = 40
-  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"], spt=args["spt"])

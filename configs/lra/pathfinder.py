@@ -66,7 +66,14 @@ from efficient_transformers.training import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
     arg,
-    {"smoke": False, "attention": "softmax", "segment": 0, "resolution": 32, "difficulty": "hard"},
+    {
+      "smoke": False,
+      "attention": "softmax",
+      "segment": 0,
+      "spt": False,
+      "resolution": 32,
+      "difficulty": "hard",
+    },
     config_file="configs/lra/pathfinder.py",
   )
   pathfinder.check_params(args["resolution"], args["difficulty"])
@@ -124,4 +131,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 15
     c.model.dropout_rate = 0.0
     c.model.attention_dropout_rate = 0.0
-  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"], spt=args["spt"])

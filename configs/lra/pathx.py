@@ -38,7 +38,9 @@ RESOLUTION = 128
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
-    arg, {"smoke": False, "attention": "softmax", "segment": 0}, config_file="configs/lra/pathx.py"
+    arg,
+    {"smoke": False, "attention": "softmax", "segment": 0, "spt": False},
+    config_file="configs/lra/pathx.py",
   )
   # Holds pathfinder128/ as in the LRA release.
   c = config_lib.lra_base(task="pathx", attention=args["attention"], data_dir="data/lra/pathfinder")
@@ -92,4 +94,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 15
     c.model.dropout_rate = 0.0
     c.model.attention_dropout_rate = 0.0
-  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"], spt=args["spt"])

@@ -42,7 +42,7 @@ from efficient_transformers.training import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
     arg,
-    {"smoke": False, "attention": "softmax", "segment": 0, "length": 0},
+    {"smoke": False, "attention": "softmax", "segment": 0, "spt": False, "length": 0},
     config_file="configs/lra/text.py",
   )
   if args["length"] < 0:
@@ -74,4 +74,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every_steps = 150
     c.checkpoint_every_steps = 150
     c.optimizer.warmup_steps = 30
-  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"])
+  return config_lib.finish(c, smoke=args["smoke"], segment=args["segment"], spt=args["spt"])

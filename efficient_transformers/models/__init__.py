@@ -4,6 +4,7 @@ from efficient_transformers.models.classifier import DualEncoderClassifier, Enco
 from efficient_transformers.models.decoder import DecoderLM
 from efficient_transformers.models.encoder import Encoder, EncoderBlock
 from efficient_transformers.models.heads import ClassifierHead, pool
+from efficient_transformers.models.pretrain import TokenPredictor
 from efficient_transformers.models.recurrent import (
   CompressiveTransformer,
   RecurrentMemoryTransformer,
@@ -17,6 +18,7 @@ MODELS = {
   "dual_encoder": DualEncoderClassifier,
   "decoder_lm": DecoderLM,
   "segmented": SegmentedClassifier,
+  "token_predictor": TokenPredictor,
 }
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
   "RecurrentMemoryTransformer",
   "SegmentedClassifier",
   "Stack",
+  "TokenPredictor",
   "TransformerXL",
   "pool",
 ]

@@ -74,7 +74,7 @@ def _process_file() -> str:
   return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
   """'params/w' for a jax key path, whatever the node types."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
@@ -484,7 +484,7 @@ class Checkpointer:
     is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
     shapes = {}
     for path, m in jax.tree_util.tree_leaves_with_path(meta.get("params", {}), is_leaf=is_meta):
-      shapes[_path_str(path)] = tuple(m.shape)
+      shapes[path_str(path)] = tuple(m.shape)
     return step, fingerprint or {}, shapes
 
   def restore_params(
@@ -561,10 +561,8 @@ class Checkpointer:
           f"{hint}: fingerprint differs at {'; '.join(diffs)}. To fix, {_FRESH}."
         )
     is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-    stored = {
-      _path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(meta, is_leaf=is_meta)
-    }
-    wanted = {_path_str(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    stored = {path_str(p): m for p, m in jax.tree_util.tree_leaves_with_path(meta, is_leaf=is_meta)}
+    wanted = {path_str(p): a for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
     if partial:  # Only the subtree asked for must be there.
       stored = {k: v for k, v in stored.items() if k.split("/")[0] in abstract_state}
     if subset:  # Only the arrays asked for must be there.

@@ -9,7 +9,7 @@ from absl import logging
 from efficient_transformers import paths
 from efficient_transformers.data import pipeline, tasks
 from efficient_transformers.errors import CheckpointError
-from efficient_transformers.training import checkpointing, quantization, state, steps
+from efficient_transformers.training import checkpointing, quantization, spt, state, steps
 from efficient_transformers.training import workdir as workdir_lib
 from efficient_transformers.training.evaluation import evaluate, model_fingerprint
 
@@ -105,6 +105,10 @@ def evaluate_checkpoint(
     results_path = paths.resolve(results_path, what="--results")
   else:  # A quantized evaluation leaves the float one's results as they are.
     results_path = workdir / ("results.json" if quantize == "none" else f"results_{quantize}.json")
+  stage = {}
+  if spt.enabled(config):  # A self-pretrained run: its fine-tuned classifier is scored.
+    config, workdir = spt.finetune_run(config, workdir)
+    stage = {"stage": "finetune"}
   spec = tasks.describe(config)
   objective = state.make_objective(config.model, spec)  # A wrong model kind is named first.
   task = tasks.load(config, generate=False)  # A wrong data_dir is named first.
@@ -137,6 +141,7 @@ def evaluate_checkpoint(
     "task": config.task,
     "attention": config.model.get("attention"),
     **({"memory": config.model.memory} if "memory" in config.model else {}),
+    **stage,
     "checkpoint": which,
     "step": int(step),
     "quantize": quantize,

@@ -50,6 +50,8 @@ _NOT_IN_FINGERPRINT = (
   "remat",
   "remat_policy",
   "quantization",  # Fake quantization in the forward pass changes no parameter.
+  "pretrain_objective",  # Self-pretraining's objective and masking rate: neither.
+  "mask_rate",
 )
 # Keys fingerprinted only away from these values, so that checkpoints saved before the key
 # existed still match a config that leaves it at its default.

@@ -81,6 +81,38 @@ def _remap(tree, layers: list[int], *, inverse: bool = False):
   return out
 
 
+def _restore_encoder(source, which, setup) -> dict:
+  """Fresh parameters with the source's encoder: a self-pretrained encoder under a new head.
+
+  A source embedding table with more rows than this model's (the pretraining model's
+  [MASK] id, `models.TokenPredictor`) is read whole and cut to this vocabulary.
+  """
+  import jax
+
+  abstract = setup.abstract_state["params"]
+  if "encoder" not in abstract:
+    raise ConfigError(
+      "config.init_encoder_only restores an encoder: this model has none (config.model.kind)."
+    )
+  _, _, shapes = source.stored(which)
+
+  def as_stored(path, a):
+    stored = shapes.get("encoder/" + checkpointing.path_str(path))
+    if stored and stored[1:] == a.shape[1:] and stored[0] > a.shape[0]:
+      return jax.ShapeDtypeStruct(stored, a.dtype, sharding=a.sharding)
+    return a
+
+  wanted = {"encoder": jax.tree_util.tree_map_with_path(as_stored, abstract["encoder"])}
+  _, restored = source.restore_params(wanted, which=which, check_fingerprint=False, subset=True)
+  params = setup.init_params()
+  params["encoder"] = jax.tree.map(
+    lambda r, a: jax.device_put(r[: a.shape[0]], a.sharding) if r.shape != a.shape else r,
+    restored["encoder"],
+    abstract["encoder"],
+  )
+  return params
+
+
 def restore_init_params(config: ml_collections.ConfigDict, setup) -> dict:
   """The parameters `config.init_from` gives this run (`setup`'s shapes and shardings)."""
   source = checkpointing.Checkpointer(paths.resolve(config.init_from, what="config.init_from"))
@@ -109,7 +141,11 @@ def restore_init_params(config: ml_collections.ConfigDict, setup) -> dict:
       layers = parse_layers(
         config.init_layers, num_layers=config.model.num_layers, source_layers=source_layers
       )
-    if layers is None:
+    if config.get("init_encoder_only"):
+      if layers is not None:
+        raise ConfigError("config.init_encoder_only and config.init_layers do not combine.")
+      params = _restore_encoder(source, which, setup)
+    elif layers is None:
       _, params = source.restore_params(abstract, which=which, check_fingerprint=False)
     else:
       _, params = source.restore_params(
@@ -122,6 +158,8 @@ def restore_init_params(config: ml_collections.ConfigDict, setup) -> dict:
     "Initialized parameters from %s (%s)%s.",
     source.workdir,
     which,
-    f", layers {layers}" if layers is not None else "",
+    f", layers {layers}"
+    if layers is not None
+    else (", the encoder only" if config.get("init_encoder_only") else ""),
   )
   return params

@@ -132,10 +132,21 @@ class MetricWriter:
     total_steps: for the progress bar.
     initial_step: the step the run starts (or resumes) at; records after it
       are dropped (see the module docstring).
+    stage: written into every record ({"stage": ...}), e.g. a self-pretraining run's
+      "pretrain" or "finetune"; None writes none.
   """
 
-  def __init__(self, workdir, *, enabled: bool, total_steps: int, initial_step: int = 0):
+  def __init__(
+    self,
+    workdir,
+    *,
+    enabled: bool,
+    total_steps: int,
+    initial_step: int = 0,
+    stage: str | None = None,
+  ):
     self.enabled = enabled
+    self._stage = {"stage": stage} if stage else {}
     self._jsonl = None
     self._tb = None
     self._bar = None
@@ -153,7 +164,7 @@ class MetricWriter:
     if not self.enabled:
       return
     values = {k: _scalar(v) for k, v in metrics.items()}
-    record = {"step": int(step), "split": split, **values}
+    record = {"step": int(step), "split": split, **self._stage, **values}
     self._jsonl.write(record)
     for k, v in values.items():
       if math.isfinite(v):

@@ -20,6 +20,10 @@ they run. An objective supplies:
   `count_name` key counts what was scored.
 
 The best-checkpoint rule is the task's (`TaskSpec.best_metric/best_mode`).
+
+Self-pretraining (`models.TokenPredictor`) reads a classification task's inputs with one of
+`PRETRAINING`'s objectives instead (masked-token denoising, next-token prediction); an
+objective with `needs_key` draws its randomness from a key the steps pass to `apply`.
 """
 
 import math
@@ -179,11 +183,125 @@ class NextToken:
     }
 
 
+class _Pretraining:
+  """Self-pretraining on a classification task's own inputs (`models.TokenPredictor`):
+  the task's labels are not read. Shared checks and summary of the two objectives below."""
+
+  count_name = "num_predicted"
+  input_names = ("inputs",)
+  needs_key = False
+
+  @staticmethod
+  def check(model_cls: type, model_cfg: ml_collections.ConfigDict, task_name: str) -> None:
+    if not getattr(model_cls, "pretraining", False):
+      raise ConfigError(
+        f"config.model.pretrain_objective scores token predictions: it needs "
+        f"config.model.kind='token_predictor', not {model_cfg.kind!r}."
+      )
+
+  def init_carry(self, model, batch_size: int, *, training: bool):
+    del model, batch_size, training
+    return None
+
+  def summarize(self, totals: dict | None) -> dict[str, float]:
+    if totals is None:
+      return {"loss": math.nan, "accuracy": math.nan, self.count_name: 0.0}
+    loss, accuracy, count = _mean_metrics(totals)
+    return {"loss": loss, "accuracy": accuracy, self.count_name: count}
+
+
+def _row_weights(batch: dict, shape) -> jax.Array:
+  """The eval pipeline's per-row weight (0 for its padding rows) broadcast over positions."""
+  weight = batch.get("weight")
+  if weight is None:
+    return jnp.ones(shape, jnp.float32)
+  return jnp.broadcast_to(weight.astype(jnp.float32)[:, None], shape)
+
+
+class MaskedTokens(_Pretraining):
+  """Masked-token denoising: a fraction `mask_rate` of the real tokens is replaced by the
+  [MASK] id and predicted from the rest; the loss and accuracy count only those positions.
+
+  Padding (id 0) is never masked and never predicted. Which tokens are masked is drawn
+  from `key` (the train step derives one per step and micro-batch from the run's seed; the
+  evaluation uses one fixed key, so every evaluation scores the same positions).
+
+  Args:
+    mask_rate: the fraction of real tokens masked, in (0, 1).
+    mask_id: the [MASK] id (`TokenPredictor.mask_id`, the task's vocabulary size).
+  """
+
+  name = "masked_tokens"
+  needs_key = True
+
+  def __init__(self, mask_rate: float, mask_id: int):
+    if not 0.0 < mask_rate < 1.0:
+      raise ConfigError(f"config.model.mask_rate must be in (0, 1); got {mask_rate}.")
+    self.mask_rate, self.mask_id = mask_rate, mask_id
+
+  @classmethod
+  def from_config(cls, model_cls: type, model_cfg: ml_collections.ConfigDict, vocab_size: int):
+    del model_cls
+    return cls(float(model_cfg.get("mask_rate", 0.15)), vocab_size)
+
+  def choose(self, ids: jax.Array, key: jax.Array) -> jax.Array:
+    """bool [batch, length]: the real tokens to mask."""
+    return jax.random.bernoulli(key, self.mask_rate, ids.shape) & (ids != 0)
+
+  def apply(self, model, batch: dict, carry, *, deterministic: bool, key: jax.Array):
+    ids = batch["inputs"]
+    chosen = self.choose(ids, key)
+    corrupted = jnp.where(chosen, jnp.asarray(self.mask_id, ids.dtype), ids)
+    logits = model(corrupted, deterministic=deterministic)
+    weights = chosen.astype(jnp.float32) * _row_weights(batch, ids.shape)
+    return classification_sums(logits, ids.astype(jnp.int32), weights), carry, {}
+
+
+class NextTokens(_Pretraining):
+  """Causal next-token prediction over the inputs (a causal encoder): position i predicts
+  token i + 1; targets that are padding count nowhere."""
+
+  name = "next_tokens"
+
+  @classmethod
+  def from_config(cls, model_cls: type, model_cfg: ml_collections.ConfigDict, vocab_size: int):
+    del model_cls, model_cfg, vocab_size
+    return cls()
+
+  def apply(self, model, batch: dict, carry, *, deterministic: bool):
+    ids = batch["inputs"]
+    logits = model(ids, deterministic=deterministic)[:, :-1]
+    targets = ids[:, 1:].astype(jnp.int32)
+    weights = (targets != 0).astype(jnp.float32) * _row_weights(batch, targets.shape)
+    return classification_sums(logits, targets, weights), carry, {}
+
+
 OBJECTIVES = {"classification": Classification, "next_token": NextToken}
+PRETRAINING = {"masked_tokens": MaskedTokens, "next_tokens": NextTokens}
 
 
-def make(name: str, model_cls: type, model_cfg: ml_collections.ConfigDict, task_name: str):
-  """The objective `name` (a task's `objective`) for this model, checked against it."""
+def make(
+  name: str,
+  model_cls: type,
+  model_cfg: ml_collections.ConfigDict,
+  task_name: str,
+  vocab_size: int | None = None,
+):
+  """The objective `name` (a task's `objective`) for this model, checked against it.
+
+  A pretraining model (`models.TokenPredictor`) gets `config.model.pretrain_objective`
+  over the inputs of a classification task instead.
+  """
+  if getattr(model_cls, "pretraining", False):
+    chosen = model_cfg.get("pretrain_objective", "masked_tokens")
+    if name != "classification" or chosen not in PRETRAINING:
+      raise ConfigError(
+        f"config.model.kind={model_cfg.kind!r} self-pretrains on a classification task's "
+        f"inputs with config.model.pretrain_objective in {', '.join(PRETRAINING)}; got "
+        f"task {task_name!r} ({name}) and pretrain_objective={chosen!r}."
+      )
+    PRETRAINING[chosen].check(model_cls, model_cfg, task_name)
+    return PRETRAINING[chosen].from_config(model_cls, model_cfg, vocab_size)
   if name not in OBJECTIVES:  # pragma: no cover - a task module out of step with this one.
     raise ConfigError(
       f"Task {task_name!r} has unknown objective {name!r}; valid: {list(OBJECTIVES)}."

@@ -19,6 +19,14 @@ import optax
 from flax import nnx
 
 _DROPOUT_STREAM = 0x64726F70  # "drop"
+_OBJECTIVE_STREAM = 0x6F626A  # "obj": an objective's own draws (which tokens to mask).
+
+
+def _objective_key(objective, key) -> dict:
+  """{"key": ...} for an objective that draws (`needs_key`), else {}."""
+  if not getattr(objective, "needs_key", False):
+    return {}
+  return {"key": jax.random.fold_in(key, _OBJECTIVE_STREAM)}
 
 
 def _merge(graphdef, params, rest, dropout_key=None):
@@ -63,7 +71,7 @@ def make_train_step(
   base_key = jax.random.fold_in(jax.random.key(seed), _DROPOUT_STREAM)
 
   def sums_and_grads(params, batch, carry, dropout_key, teacher_params=None):
-    extra = {}
+    extra = _objective_key(objective, dropout_key)
     if teacher is not None:
       teacher_graphdef, teacher_rest = teacher
       extra["teacher"] = _merge(
@@ -153,9 +161,12 @@ def make_eval_step(*, graphdef: nnx.GraphDef, rest: nnx.State, objective) -> Cal
   segment of the ordered evaluation stream to the next.
   """
 
+  # One fixed key: every evaluation of an objective that draws scores the same draws.
+  extra = _objective_key(objective, jax.random.key(0))
+
   def eval_step(params, carry, batch):
     model = _merge(graphdef, params, rest)
-    sums, carry, _ = objective.apply(model, batch, carry, deterministic=True)
+    sums, carry, _ = objective.apply(model, batch, carry, deterministic=True, **extra)
     return sums, carry
 
   return eval_step

@@ -31,6 +31,7 @@ from efficient_transformers.training import (
   optimizers,
   quantization,
   sharding,
+  spt,
   state,
 )
 from efficient_transformers.training import workdir as workdir_lib
@@ -94,6 +95,7 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
   # Raise on bad values.
   optimizers.make_optimizer(config.optimizer, config.num_train_steps, config.get("pruning"))
   distill.check_config(config)
+  spt.check_config(config)
   quantization.check_mode(
     config.model.get("quantization", "none"), what="config.model.quantization"
   )
@@ -191,9 +193,15 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
   built abstractly (shapes from the config and the task's declared vocabulary
   and lengths), and the train step is compiled ahead of time on this run's
   devices. Returns (and the command line prints) the parameter
-  count, per-device memory and FLOPs per step.
+  count, per-device memory and FLOPs per step. With config.spt on, both stages compile:
+  the fine-tuning's report, with the pretraining's under "pretrain".
   """
   _check_config(config)
+  if spt.enabled(config):
+    from etils import epath
+
+    stages = spt.stage_configs(config, epath.Path("WORKDIR"))  # Not read by a dry run.
+    return {**dry_run(stages["finetune"]), "pretrain": dry_run(stages["pretrain"])}
   spec = tasks.describe(config)
   setup = _build(config, spec)
   teacher = None
@@ -235,6 +243,12 @@ def dry_run(config: ml_collections.ConfigDict) -> dict:
 
 def format_dry_run(report: dict) -> str:
   """The dry run's report as the lines `train.py --dry_run` prints."""
+  if "pretrain" in report:  # Self-pretraining first: both stages' lines.
+    first = format_dry_run(report["pretrain"]).splitlines()[:-1]
+    rest = {k: v for k, v in report.items() if k != "pretrain"}
+    return "\n".join(["Stage 1, self-pretraining:", *first, "Stage 2, fine-tuning:"]) + (
+      "\n" + format_dry_run(rest)
+    )
   lines = [
     f"Dry run: {report['task']} / {report['model']} with {report['attention']}, "
     f"{report['num_params']:,} parameters; mesh {report['mesh']} over {report['devices']}; "
@@ -255,14 +269,23 @@ def format_dry_run(report: dict) -> str:
   return "\n".join(lines)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir, *, stage: str | None = None
+) -> dict:
   """Trains `config` in `workdir`; returns the final validation metrics.
+
+  With config.spt on, two runs: self-pretraining in WORKDIR/pretrain, then fine-tuning in
+  WORKDIR/finetune (`spt.py`); the fine-tuning's metrics are returned.
 
   Args:
     config: the run's config.
     workdir: where checkpoints and metrics go: a local path as the user wrote
       it (relative, `~`, ...) or a gs:// URL. Held by this run alone.
+    stage: recorded in every metrics.jsonl record (an SPT run's "pretrain" or "finetune").
   """
+  if spt.enabled(config):
+    _check_config(config)
+    return spt.train_stages(config, workdir, train_and_evaluate)
   # Signals are caught from the start: one arriving during data generation or
   # compilation stops the run at its first step, after a save.
   with _Preemption() as preemption:
@@ -275,12 +298,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir) -> dict:
         workdir, process_index=process_index, process_count=process_count
       )
     try:
-      return _train(config, spec, workdir, lock, preemption)
+      return _train(config, spec, workdir, lock, preemption, stage)
     finally:
       lock.release()
 
 
-def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
+def _train(config, spec, workdir, lock, preemption: _Preemption, stage: str | None) -> dict:
   process_index, process_count = jax.process_index(), jax.process_count()
   is_main = process_index == 0
   checkpoints = {"last": None}  # The newest complete checkpoint, for messages.
@@ -401,7 +424,11 @@ def _train(config, spec, workdir, lock, preemption: _Preemption) -> dict:
   # ---------------------------------------------------------------- Loop.
   with paths.writing(workdir, then=resume_hint):
     writer = MetricWriter(
-      workdir, enabled=is_main, total_steps=config.num_train_steps, initial_step=step
+      workdir,
+      enabled=is_main,
+      total_steps=config.num_train_steps,
+      initial_step=step,
+      stage=stage,
     )
 
   pending: list[tuple[int, dict]] = []  # Per-step metrics still on device.
