@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.lra import pathfinder as pathfinder_config
 from efficient_transformers.errors import CheckpointError, ConfigError
 from efficient_transformers.training import distill, eval_lib
 from efficient_transformers.training.train_lib import dry_run, train_and_evaluate
-from tests.helpers import REPO, TINY_FLAGS, run_cli, shrink, tiny_config
+from tests.helpers import REPO, TINY_FLAGS, run_cli, tiny_config
 
 LISTOPS = "configs/lra/listops.py"
 
@@ -168,11 +167,14 @@ def test_teacher_workdir_errors(root, tmp_path):
   with pytest.raises(CheckpointError, match=r"teacher_workdir=.*holds no checkpoint"):
     train_and_evaluate(c, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "config.json").exists()
-  # A teacher of another task.
-  other = shrink(pathfinder_config.get_config("smoke"))
-  other.data_dir = str(tmp_path / "pathfinder_data")
-  other.data.num_images = 40
-  train_and_evaluate(other, str(tmp_path / "pathfinder"))
+  # A teacher of another task: a checkpoint whose fingerprint says so (what train.py saves).
+  from efficient_transformers.training import checkpointing
+
+  other = checkpointing.Checkpointer(
+    str(tmp_path / "pathfinder"), fingerprint={"task": "pathfinder", "vocab_size": 257}
+  )
+  other.save(1, {"params": {"w": np.zeros(2)}}, data_state={"train_iterator": {}, "order": {}})
+  other.close()
   c.distill.teacher_workdir = str(tmp_path / "pathfinder")
   with pytest.raises(ConfigError, match=r"teacher's task is 'pathfinder' and the student's is"):
     train_and_evaluate(c, str(tmp_path / "run"))
