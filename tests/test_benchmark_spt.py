@@ -59,3 +59,29 @@ def test_bad_flags_are_one_line(flag, message, tmp_path, capsys):
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err
   assert not (tmp_path / "runs").exists()
+
+
+def test_the_gpu_plan_is_flops_times_steps_over_the_stated_rate(monkeypatch):
+  from efficient_transformers.errors import ConfigError
+  from efficient_transformers.training import train_lib
+
+  def fake_dry_run(config):
+    if config.model.kind == "dual_encoder" and config.spt.pretrain_steps:
+      raise ConfigError("config.spt pretrains a one-tower classifier's encoder")
+    report = {"flops": 2e12}
+    if config.spt.pretrain_steps:
+      report["pretrain"] = {"flops": 1e12}
+    return report
+
+  monkeypatch.setattr(train_lib, "dry_run", fake_dry_run)
+  rows = spt_benchmark.plan_rows(["listops", "retrieval"], tflops=100.0)
+  by = {(r["task"], r["arm"]): r for r in rows}
+  scratch, spt = by[("listops", "scratch")], by[("listops", "spt")]
+  assert scratch["steps"] == "5000" and scratch["hours"] == pytest.approx(2e12 * 5000 / 1e14 / 3600)
+  assert spt["steps"] == "5000 + 5000"
+  assert spt["total_pflops"] == pytest.approx((1e12 + 2e12) * 5000 / 1e15)
+  assert (
+    spt["command"]
+    == "python train.py --config=configs/lra/listops.py:spt --workdir=workdirs/listops_spt"
+  )
+  assert "one-tower" in by[("retrieval", "spt")]["error"]

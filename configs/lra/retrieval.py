@@ -43,7 +43,9 @@ from efficient_transformers.training import config_lib
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = config_lib.parse_arg(
-    arg, {"smoke": False, "attention": "softmax"}, config_file="configs/lra/retrieval.py"
+    arg,
+    {"smoke": False, "attention": "softmax", "spt": False},
+    config_file="configs/lra/retrieval.py",
   )
   c = config_lib.lra_base(
     task="retrieval", attention=args["attention"], data_dir="data/lra/retrieval"
@@ -78,4 +80,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_every_steps = 150
     c.checkpoint_every_steps = 150
     c.optimizer.warmup_steps = 30
-  return config_lib.finish(c, smoke=args["smoke"])
+  return config_lib.finish(c, smoke=args["smoke"], spt=args["spt"])

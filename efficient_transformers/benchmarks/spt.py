@@ -84,6 +84,62 @@ def summarize(task: str, arm: str, accuracies: Sequence[float], steps: str) -> d
   }
 
 
+# What the plan divides FLOPs by: a stated sustained rate, not a measurement. An H200's dense
+# bf16 peak is 989 TFLOP/s; 30% of it is what a well-tuned Transformer step commonly sustains.
+PLAN_TFLOPS = 300.0
+PLAN_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
+
+
+def plan_rows(tasks: Sequence[str], tflops: float) -> list[dict]:
+  """The full six-task grid's cost with and without self-pretraining, from the compiled
+  train steps' FLOPs (XLA's cost analysis of `train.py --dry_run`) at `tflops`."""
+  from efficient_transformers.benchmarks.lra import load_task_config
+  from efficient_transformers.training import train_lib
+
+  rows = []
+  for task in tasks:
+    for arm in ARMS:
+      arg = "spt" if arm == "spt" else ""
+      try:
+        config = load_task_config(task, arg)
+        report_ = train_lib.dry_run(config)
+      except ConfigError as e:  # Retrieval's dual encoder: not pretrained yet.
+        rows.append({"task": task, "arm": arm, "error": e.message})
+        continue
+      stages = [report_["pretrain"], report_] if "pretrain" in report_ else [report_]
+      steps = (
+        [config.spt.pretrain_steps, config.num_train_steps]
+        if arm == "spt"
+        else [config.num_train_steps]
+      )
+      flops = sum(st.get("flops", float("nan")) * n for st, n in zip(stages, steps, strict=True))
+      rows.append(
+        {
+          "task": task,
+          "arm": arm,
+          "steps": " + ".join(map(str, steps)),
+          "flops_per_step": stages[-1].get("flops"),
+          "total_pflops": flops / 1e15,
+          "hours": flops / (tflops * 1e12) / 3600,
+          "command": f"python train.py --config=configs/lra/{task}.py"
+          + (":spt" if arm == "spt" else "")
+          + f" --workdir=workdirs/{task}_{arm}",
+        }
+      )
+  return rows
+
+
+PLAN_COLUMNS = (
+  ("task", "task", "s"),
+  ("arm", "arm", "s"),
+  ("steps", "steps", "s"),
+  ("flops_per_step", "FLOPs / step (fine-tune)", ".3g"),
+  ("total_pflops", "total PFLOPs", ".1f"),
+  ("hours", "hours", ".2f"),
+  ("command", "command", "s"),
+)
+
+
 @report.one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
   return benchmark(argv)
@@ -97,12 +153,42 @@ def benchmark(argv: Sequence[str] | None, *, run=run_arm) -> int:
   parser.add_argument("--steps", type=int, default=400, help="total steps of each run")
   parser.add_argument("--pretrain_fraction", type=float, default=0.5)
   parser.add_argument("--smoke", action="store_true", help="the configs' smoke variants")
-  parser.add_argument("--workdir", required=True, help="runs go in WORKDIR/<task>/<arm>_seed<N>")
+  parser.add_argument("--workdir", default=None, help="runs go in WORKDIR/<task>/<arm>_seed<N>")
   report.add_out_flag(parser, "spt.md, spt.csv and spt.json")
   parser.add_argument(
     "--dry_run", action="store_true", help="check the flags and every run's config; train nothing"
   )
+  parser.add_argument(
+    "--plan",
+    action="store_true",
+    help="no training: the full six-task grid's cost, scratch and SPT, from compiled FLOPs",
+  )
+  parser.add_argument("--plan_tflops", type=float, default=PLAN_TFLOPS, help="sustained TFLOP/s")
   args = parser.parse_args(argv)
+  if args.plan:
+    out = report.prepare_out(args.out)
+    if args.dry_run:  # The configs load; nothing is compiled.
+      from efficient_transformers.benchmarks.lra import load_task_config
+
+      for task in PLAN_TASKS:
+        load_task_config(task, "spt")
+      print(report.dry_run_line(f"the plan's {len(PLAN_TASKS)} task configs load", out))
+      return 0
+    rows = plan_rows(PLAN_TASKS, args.plan_tflops)
+    header = (
+      "The full LRA grid (softmax attention, each task's full config), from scratch and with "
+      "self-pretraining: train-step FLOPs from XLA's cost analysis of the compiled step, "
+      f"times the steps, at an assumed sustained {args.plan_tflops:g} TFLOP/s (an H200's dense "
+      "bf16 peak is 989). Compiled on "
+      f"{report.device_line(cpu=True)}"
+    )
+    table = report.markdown_table(rows, PLAN_COLUMNS, header, error_column=2)
+    print(table)
+    if out:
+      report.write_tables(out, "spt_plan", table, rows, [k for k, _, _ in PLAN_COLUMNS])
+    return 0
+  if not args.workdir:
+    raise ConfigError("--workdir is required: the runs go there (--plan needs none).")
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   unknown = sorted(set(tasks) - set(TASKS))
   if unknown:
