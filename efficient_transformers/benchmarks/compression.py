@@ -178,12 +178,6 @@ def _finetune(config, base_workdir: str, steps: int, **changes):
   )
 
 
-def _sample_inputs(model, setup, spec):
-  from efficient_transformers.training import quantization
-
-  return quantization.sample_inputs(model, spec.fields, setup.objective)
-
-
 def run(args, config, out) -> list[dict]:
   from efficient_transformers.data import tasks
   from efficient_transformers.training import eval_lib, head_pruning, quantization
@@ -218,7 +212,10 @@ def run(args, config, out) -> list[dict]:
 
   def quantized(model, mode):
     q = quantization.ptq_model(
-      model, mode, _sample_inputs(model, setup, spec), what=f"attention {config.model.attention!r}"
+      model,
+      mode,
+      quantization.sample_inputs(model, spec.fields, setup.objective),
+      what=f"attention {config.model.attention!r}",
     )
     b = quantization.quantized_bytes(q)
     return q, {"params": float_size(model)["params"], "bytes": b["param_bytes"]}
@@ -289,7 +286,7 @@ def run(args, config, out) -> list[dict]:
     batches = pipeline.task_eval_batches(
       task, "validation", global_batch_size=config.batch_size, process_index=0, process_count=1
     )
-    importance = head_importance_of(head_pruning, base_model, setup, batches)
+    importance = head_pruning.head_importance(base_model, setup.objective, batches)
     keep = head_pruning.choose_heads(importance, prune=args.prune_heads)
     model, pruned_config = head_pruning.pruned_model(config, base_model, keep)
     add(
@@ -306,11 +303,6 @@ def run(args, config, out) -> list[dict]:
     r["bytes_ratio"] = r["bytes"] / base["bytes"]
     r["time_ratio"] = r["forward_ms"] / base["forward_ms"]
   return rows
-
-
-def head_importance_of(head_pruning, model, setup, batches):
-  """Michel et al.'s importance of every head of `model` over `batches`."""
-  return head_pruning.head_importance(model, setup.objective, batches)
 
 
 # ---------------------------------------------------------------- Output.
