@@ -309,3 +309,69 @@ def test_a_preempted_cell_stops_the_grid_without_failing(tmp_path, monkeypatch, 
   assert "rerun the same command to continue" in err
   assert "listops:local" not in err  # The grid stopped there.
   assert os.listdir(tmp_path) == []  # Not recorded as failed; nothing written.
+
+
+@pytest.fixture(scope="module")
+def spt_grid(tmp_path_factory):
+  """`--spt` on one task and attention: a from-scratch row and a self-pretrained row, run,
+  then run again; and the grid's commands printed."""
+  tmp = tmp_path_factory.mktemp("lra_spt")
+  root = tmp / "runs"
+  overrides = [*_overrides(tmp), "spt.pretrain_steps=2"]
+  args = [f"--workdir={root}", "--tasks=listops", "--attentions=softmax", "--smoke", "--spt"]
+  logs = {}
+  for name, extra in [("grid", []), ("rerun", []), ("commands", ["--print_commands"])]:
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+      rc = lra.main([*args, *overrides, *extra])
+    logs[name] = (rc, out.getvalue(), err.getvalue())
+  return root, logs
+
+
+def test_spt_rows_beside_the_from_scratch_rows(spt_grid):
+  root, logs = spt_grid
+  rc, out, err = logs["grid"]
+  assert rc == 0, err
+  scratch, spt = _cell(root, "listops", "softmax"), _cell(root, "listops", "softmax+spt")
+  # The from-scratch cell never pretrains: the spt.* override is the SPT row's alone.
+  assert not (root / "listops" / "softmax" / "pretrain").exists() and "pretrain_steps" not in scratch
+  workdir = root / "listops" / "softmax+spt"
+  assert {"pretrain", "finetune"} <= set(os.listdir(workdir))
+  assert spt["status"] == "finished" and spt["base_attention"] == "softmax"
+  assert spt["pretrain_steps"] == 2 and spt["pretrain_objective"] == "masked_tokens"
+  assert 0 <= spt["pretrain_val_token_accuracy"] <= 1 and spt["pretrain_steps_per_sec"] > 0
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["stage"] == "finetune" and spt["test_accuracy"] == results["test"]["accuracy"]
+  # Its training record is the fine-tuning's (4 steps), not the pretraining's (2).
+  assert _train_steps(workdir / "finetune") == [1, 2, 3, 4] and spt["num_train_steps"] == 4
+  valid = [r for r in lra.read_metrics(str(workdir / "finetune")) if r["split"] == "validation"]
+  assert spt["best_val_accuracy"] in [r["accuracy"] for r in valid]
+  # Table 1: the SPT row right after its from-scratch row, with no published figure.
+  rows = [line for line in out.splitlines() if line.startswith("| softmax")]
+  assert rows[0].startswith("| softmax | Transformer | ")
+  assert rows[1] == (
+    f"| softmax+spt | Transformer + SPT | {spt['test_accuracy'] * 100:.2f} (-) | "
+    f"{spt['test_accuracy'] * 100:.2f} (-) |"
+  )
+  assert "Rows NAME+spt: self-pretrained" in out
+  with open(root / "results.csv") as f:
+    table = list(csv.DictReader(f))
+  assert [r["attention"] for r in table] == ["softmax", "softmax+spt"]
+  assert table[1]["listops_published"] == "" and table[1]["lra_name"] == "Transformer + SPT"
+
+
+def test_spt_rows_rerun_skipped_and_printed_as_their_own_jobs(spt_grid, tmp_path):
+  root, logs = spt_grid
+  rc, _, err = logs["rerun"]
+  assert rc == 0, err
+  for cell in ("listops:softmax", "listops:softmax+spt"):
+    assert f"{cell}: finished before, skipped" in err
+  rc, out, _ = logs["commands"]
+  cells = [w for line in out.splitlines() for w in shlex.split(line) if w.startswith("--cell=")]
+  assert cells == ["--cell=listops:softmax", "--cell=listops:softmax+spt"]
+  # One printed job is one cell: the SPT one alone, from its --cell.
+  err, out = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+    argv = [f"--workdir={root}", "--cell=listops:softmax+spt", "--smoke", *_overrides(tmp_path)]
+    assert lra.main([*argv, "spt.pretrain_steps=2"]) == 0
+  assert "[1/1] listops:softmax+spt" in err.getvalue()

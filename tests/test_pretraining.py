@@ -140,3 +140,42 @@ def test_token_predictor_trains_through_the_loop(objective, tmp_path):
   )
   assert scored["validation"]["loss"] == pytest.approx(last["loss"], rel=1e-6)
   assert scored["num_predicted"] == last["num_predicted"]
+
+
+def test_retrieval_pretrains_each_document_alone():
+  """Retrieval's two documents are stacked on the batch axis: each row is one document,
+  scored as that document alone (a naive loop), and a padding pair counts nowhere."""
+  rng = np.random.default_rng(2)
+  first, second = _ids(rng), _ids(rng)[::-1]
+  batch = {"inputs1": first, "inputs2": second, "weight": jnp.asarray([1.0, 1.0, 0.0, 1.0])}
+  logits = jnp.asarray(rng.normal(size=(8, 12, 9)), jnp.float32)
+  names = ("inputs1", "inputs2")
+  causal = objectives.NextTokens(names)
+  model = _Fixed(logits)
+  sums, _, _ = causal.apply(model, batch, None, deterministic=True)
+  np.testing.assert_array_equal(np.asarray(model.seen), np.concatenate([first, second]))
+  loss, count = 0.0, 0
+  for doc, ids in enumerate([*np.asarray(first), *np.asarray(second)]):
+    if doc % 4 == 2:  # Row 2's pair is the eval pipeline's padding.
+      continue
+    for i in range(len(ids) - 1):
+      if ids[i + 1]:
+        row = np.asarray(logits[doc, i], np.float64)
+        loss += np.log(np.sum(np.exp(row))) - row[ids[i + 1]]
+        count += 1
+  assert float(sums["count"]) == count
+  np.testing.assert_allclose(float(sums["loss_sum"]), loss, rtol=1e-5)
+  masked = objectives.MaskedTokens(0.4, mask_id=9, input_names=names)
+  key = jax.random.key(5)
+  sums, _, _ = masked.apply(_Fixed(logits), batch, None, deterministic=True, key=key)
+  chosen = np.array(masked.choose(jnp.concatenate([first, second]), key))
+  chosen[[2, 6]] = False  # The padding pair's rows.
+  assert float(sums["count"]) == chosen.sum() > 0
+  # The objective reads the task's token fields: Retrieval's SPT pretrains on both.
+  c = tiny_config("/nonexistent")
+  c.model.kind = "token_predictor"
+  from efficient_transformers.data import tasks
+
+  c.task = "retrieval"
+  spec = tasks.describe(c)
+  assert state.make_objective(c.model, spec).input_names == names

@@ -5,6 +5,9 @@ and the bad combinations."""
 import hashlib
 import json
 import os
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -13,9 +16,9 @@ from flax import nnx
 
 from configs.lra import listops as listops_config
 from efficient_transformers.errors import ConfigError
-from efficient_transformers.training import eval_lib, spt, state, train_lib
+from efficient_transformers.training import checkpointing, eval_lib, spt, state, train_lib
 from efficient_transformers.training.train_lib import train_and_evaluate
-from tests.helpers import REPO, TINY_FLAGS, run_cli, tiny_config
+from tests.helpers import REPO, TINY_FLAGS, cli_env, run_cli, tiny_config
 
 
 def _config(data_dir, steps=4):
@@ -74,6 +77,10 @@ def test_two_stages_in_one_workdir_with_their_stage_recorded(run):
   assert last["num_examples"] == 20  # Stage 2 returns the classifier's validation metrics.
   with open(workdir / "pretrain" / "config.json") as f:
     assert json.load(f)["model"]["kind"] == "token_predictor"
+  # eval.py scores the fine-tuned classifier, and says so.
+  results = eval_lib.evaluate_checkpoint(run[1], str(workdir))
+  assert results["stage"] == "finetune" and results["num_examples"] == 20
+  assert json.loads((workdir / "results.json").read_text())["stage"] == "finetune"
 
 
 def test_fine_tuning_starts_from_the_pretrained_encoder_and_a_fresh_head(run):
@@ -99,17 +106,59 @@ def test_fine_tuning_starts_from_the_pretrained_encoder_and_a_fresh_head(run):
     np.testing.assert_array_equal(x, np.asarray(y))
 
 
-def test_resuming_goes_on_in_stage_two_and_leaves_stage_one_alone(run):
-  root, c, _, _ = run
-  before = _digest(root / "run" / "pretrain")
-  longer = _config(root / "data", steps=6)
-  train_and_evaluate(longer, str(root / "run"))
-  assert _digest(root / "run" / "pretrain") == before
-  finetune = _records(root / "run" / "finetune" / "metrics.jsonl")
-  assert [r["step"] for r in finetune if r["split"] == "train"] == [2, 4, 6]
-  results = eval_lib.evaluate_checkpoint(longer, str(root / "run"))
-  assert results["stage"] == "finetune" and results["num_examples"] == 20
-  assert json.loads((root / "run" / "results.json").read_text())["stage"] == "finetune"
+def test_killed_in_stage_two_it_resumes_in_stage_two_and_leaves_stage_one_alone(tmp_path):
+  """kill -9 in the fine-tuning; the same command resumes there from its checkpoint and
+  stage 1's workdir (its parameters, checkpoints and metrics) is not touched."""
+  flags = [
+    "--config=configs/lra/listops.py:smoke,spt",
+    f"--config.data_dir={tmp_path / 'data'}",
+    *TINY_FLAGS,
+    "--config.spt.pretrain_steps=4",
+    "--config.num_train_steps=150",
+    "--config.eval_every_steps=75",
+    "--config.checkpoint_every_steps=20",
+    "--config.log_every_steps=2",
+    "--config.optimizer.warmup_steps=2",
+  ]
+  workdir = os.path.relpath(tmp_path / "run", REPO)  # As a user types it.
+  proc = subprocess.Popen(
+    [sys.executable, os.path.join(REPO, "train.py"), *flags, f"--workdir={workdir}"],
+    cwd=REPO,
+    env=cli_env(1, fast_compile=False),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  metrics = tmp_path / "run" / "finetune" / "metrics.jsonl"
+  deadline = time.time() + 240
+  while not (metrics.exists() and any(r["step"] >= 30 for r in _records(metrics))):
+    assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  proc.kill()
+  _, killed_log = proc.communicate(timeout=60)
+  assert "Stage 1 of 2: self-pretraining (masked_tokens) for 4 steps" in killed_log
+  assert "Stage 2 of 2: fine-tuning" in killed_log
+  stage_one = _digest(tmp_path / "run" / "pretrain")
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "run" / "finetune"))
+  saved = ckpt.latest_step()
+  ckpt.close()
+  assert saved is not None and 20 <= saved < 150, saved
+  before = {r["step"]: r for r in _records(metrics) if r["split"] == "train"}
+
+  rerun = run_cli("train.py", *flags, f"--workdir={workdir}", fast_compile=False)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "Stage 1 of 2" not in rerun.stderr  # Straight to stage 2.
+  assert "Stage 2 of 2: fine-tuning in" in rerun.stderr and "resumed" in rerun.stderr
+  assert _digest(tmp_path / "run" / "pretrain") == stage_one
+  after = _records(metrics)
+  keys = [(r["step"], r["split"]) for r in after]
+  assert len(keys) == len(set(keys)) and {r["stage"] for r in after} == {"finetune"}
+  train = {r["step"]: r for r in after if r["split"] == "train"}
+  assert sorted(train) == list(range(2, 151, 2))
+  # Resumed from step `saved`, not retrained from 0: the records up to it are the killed
+  # run's own, timings included (a retrained step logs another steps_per_sec).
+  for step in range(2, saved + 1, 2):
+    assert train[step] == before[step], step
 
 
 def test_the_spt_config_arg_from_the_command_line(run, tmp_path):

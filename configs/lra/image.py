@@ -54,8 +54,15 @@ Validation is a seeded 10% (5,000) of the 50,000 training images
 (data.split_seed, data.validation_fraction), as LRA's 90/10 split; test is
 TFDS's test split (10,000).
 
-Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
-at a time with a recurrent memory: model kind "segmented").
+Config args (comma-separated): smoke, attention=NAME, spt (below), segment=N (read the
+input N tokens at a time with a recurrent memory: model kind "segmented").
+
+spt: self-pretraining on the task's own training inputs, then fine-tuning, in one workdir
+(training/spt.py; Amos, Berant & Gupta 2024): masked-token denoising at 50% of the real
+tokens for as many steps as the fine-tuning, with rotary positions where the attention
+takes them. Source of the rate: IdoAmos/not-from-scratch's README pretrains Image with
+dataset.mlm_prob=0.5; there pixels are regressed with an L1 loss, here predicted as one of
+256 gray levels.
 """
 
 import ml_collections

@@ -39,8 +39,15 @@ norms, and the reimplementation B, in the SSM group).
 The data (96K/2K/2K) is generated on first use into `data_dir` with a fixed
 seed, or read from there if the original release's TSV files are present.
 
-Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
-at a time with a recurrent memory: model kind "segmented").
+Config args (comma-separated): smoke, attention=NAME, spt (below), segment=N (read the
+input N tokens at a time with a recurrent memory: model kind "segmented").
+
+spt: self-pretraining on the task's own training inputs, then fine-tuning, in one workdir
+(training/spt.py; Amos, Berant & Gupta 2024): masked-token denoising at 10% of the real
+tokens for as many steps as the fine-tuning, with rotary positions where the attention
+takes them. Source of the rate: unchecked. The paper's repository
+(IdoAmos/not-from-scratch) leaves this task's mlm_prob at 0.0 in its dataset config, to be
+set on the command line, and states no value; 10% is the value commonly quoted for it.
 """
 
 import ml_collections

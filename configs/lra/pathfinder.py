@@ -51,10 +51,17 @@ rate with weight decay (its opt_config=standard puts B in the SSM group), Re(Lam
 always clipped (theirs: not); s5, lru: the norms (and lru's B) at the global rate (theirs:
 in the SSM group). At other resolutions the three mixers keep this file's settings.
 
-Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
-at a time with a recurrent memory: model kind "segmented"), resolution=32|64|128|256,
-difficulty=easy|intermediate|hard (curv_baseline, curv_contour_length_9,
-curv_contour_length_14). LRA's Pathfinder is resolution 32, hard.
+Config args (comma-separated): smoke, attention=NAME, spt (below), segment=N (read the
+input N tokens at a time with a recurrent memory: model kind "segmented"),
+resolution=32|64|128|256, difficulty=easy|intermediate|hard (curv_baseline,
+curv_contour_length_9, curv_contour_length_14). LRA's Pathfinder is resolution 32, hard.
+
+spt: self-pretraining on the task's own training inputs, then fine-tuning, in one workdir
+(training/spt.py; Amos, Berant & Gupta 2024): masked-token denoising at 50% of the real
+tokens for as many steps as the fine-tuning, with rotary positions where the attention
+takes them. Source of the rate: IdoAmos/not-from-scratch
+configs/dataset/pathfinder-lm.yaml, mlm_prob: 0.5; there pixels are regressed with an L1
+loss, here predicted as one of 256 gray levels.
 """
 
 import ml_collections

@@ -22,11 +22,18 @@ learning rate 1e-3 with linear warmup 2,500 (one epoch) and cosine decay,
 weight decay 0, gradient clipping at global norm 1.0. Every model in LRA failed
 this task (chance, 50%).
 
-Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
-at a time with a recurrent memory: model kind "segmented"). The smoke variant keeps
-Path-X's model and optimizer but reads the Pathfinder smoke set (2,000
-generated 32 px images, in data/lra/pathfinder_smoke): 16K-token sequences do
-not train in a CPU minute.
+Config args (comma-separated): smoke, attention=NAME, spt (below), segment=N (read the
+input N tokens at a time with a recurrent memory: model kind "segmented"). The smoke
+variant keeps Path-X's model and optimizer but reads the Pathfinder smoke set (2,000
+generated 32 px images, in data/lra/pathfinder_smoke): 16K-token sequences do not train in
+a CPU minute.
+
+spt: self-pretraining on the task's own training inputs, then fine-tuning, in one workdir
+(training/spt.py; Amos, Berant & Gupta 2024): masked-token denoising at 50% of the real
+tokens for as many steps as the fine-tuning, with rotary positions where the attention
+takes them. Source of the rate: IdoAmos/not-from-scratch
+configs/dataset/pathfinder-lm.yaml, mlm_prob: 0.5 (its Path-X runs reuse it); there pixels
+are regressed with an L1 loss, here predicted as one of 256 gray levels.
 """
 
 import ml_collections

@@ -33,7 +33,15 @@ label 1 when two share a topic vocabulary), written on first use into
 data/lra/retrieval_smoke. It checks the plumbing only; its accuracy says
 nothing about AAN.
 
-Config args (comma-separated): smoke, attention=NAME.
+Config args (comma-separated): smoke, attention=NAME, spt (below).
+
+spt: self-pretraining on the task's own training inputs, then fine-tuning, in one workdir
+(training/spt.py; Amos, Berant & Gupta 2024): masked-token denoising at 15% of the real
+tokens for as many steps as the fine-tuning, with rotary positions where the attention
+takes them. Source of the rate: unchecked. The paper's repository
+(IdoAmos/not-from-scratch) leaves this task's mlm_prob at 0.0 in its dataset config, to be
+set on the command line, and states no value; 15% is the value commonly quoted for it.
+Each of the two documents is pretrained alone.
 """
 
 import ml_collections

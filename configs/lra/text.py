@@ -28,9 +28,16 @@ Validation is a seeded 10% of the 25,000 training reviews (data.split_seed,
 data.validation_fraction); test is TFDS's test split. The original code
 validated on the test set, so its model selection saw the test data.
 
-Config args (comma-separated): smoke, attention=NAME, segment=N (read the input N tokens
-at a time with a recurrent memory: model kind "segmented"), length=N (bytes per review; default
-1000, smoke 256).
+Config args (comma-separated): smoke, attention=NAME, spt (below), segment=N (read the
+input N tokens at a time with a recurrent memory: model kind "segmented"), length=N (bytes
+per review; default 1000, smoke 256).
+
+spt: self-pretraining on the task's own training inputs, then fine-tuning, in one workdir
+(training/spt.py; Amos, Berant & Gupta 2024): masked-token denoising at 15% of the real
+tokens for as many steps as the fine-tuning, with rotary positions where the attention
+takes them. Source of the rate: unchecked. The paper's repository
+(IdoAmos/not-from-scratch) leaves this task's mlm_prob at 0.0 in its dataset config, to be
+set on the command line, and states no value; 15% is the value commonly quoted for it.
 """
 
 import ml_collections

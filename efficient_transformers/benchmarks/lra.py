@@ -18,6 +18,14 @@ accuracy against steps/s, bubble area = memory).
     python -m efficient_transformers.benchmarks.lra ... --cell=listops:softmax
     python -m efficient_transformers.benchmarks.lra --workdir=lra_runs --report_only
     python -m efficient_transformers.benchmarks.lra ... --dry_run   # compile every cell only
+    python -m efficient_transformers.benchmarks.lra ... --spt   # and self-pretrained rows
+
+With `--spt` every attention has a second row, NAME+spt, trained in
+`WORKDIR/<task>/<NAME>+spt/`: the task's `spt` config arg (self-pretraining on
+the task's own training inputs, then fine-tuning from its best checkpoint, rotary
+positions where the attention takes them; training/spt.py), scored on the test
+split like any cell. Overrides of `spt.*` keys apply to those rows only; one cell
+of them is `--cell=TASK:NAME+spt`.
 
 Rerunning a command continues its grid: finished cells are skipped, a cell
 whose training stopped resumes from its latest checkpoint, and failed cells
@@ -50,10 +58,12 @@ from etils import epath
 from efficient_transformers import attention, paths
 from efficient_transformers.benchmarks.lra_report import (
   AVERAGED_TASKS,
+  SPT_SUFFIX,
   TASKS,
   _fresh_test_results,
   _log,
   _read_json,
+  row_name,
   write_report,
 )
 from efficient_transformers.errors import ConfigError, UserError
@@ -183,15 +193,29 @@ def load_task_config(task: str, arg: str) -> ml_collections.ConfigDict:
 
 
 def cell_config(
-  task: str, attention_name: str, *, smoke: bool, overrides: Sequence[Override] = ()
+  task: str,
+  attention_name: str,
+  *,
+  smoke: bool,
+  overrides: Sequence[Override] = (),
+  spt: bool = False,
 ) -> ml_collections.ConfigDict:
-  """The config of cell (task, attention): the task's config with its overrides applied."""
-  arg = ",".join(["smoke"] * smoke + [f"attention={attention_name}"])
+  """The config of cell (task, attention): the task's config with its overrides applied.
+
+  spt: the self-pretrained row's cell (the `spt` config arg); `spt.*` overrides apply to
+  those cells only, so a from-scratch cell never pretrains.
+  """
+  arg = ",".join(["smoke"] * smoke + [f"attention={attention_name}"] + ["spt"] * spt)
   config = load_task_config(task, arg)
   for o in overrides:
-    if o.scope in (None, task, attention_name):
+    if o.scope in (None, task, attention_name) and (spt or not o.key.startswith("spt.")):
       apply_override(config, o)
   return config
+
+
+def stage_workdir(workdir, spt: bool):
+  """Where a cell's training writes its metrics: the fine-tuning's for a self-pretrained cell."""
+  return workdir / "finetune" if spt else workdir
 
 
 # ---------------------------------------------------------------- What a cell's workdir holds.
@@ -275,23 +299,32 @@ def _jsonl(path) -> list[dict]:
 
 
 def run_cell(
-  task: str, attention_name: str, root, *, smoke: bool, overrides: Sequence[Override]
+  task: str,
+  attention_name: str,
+  root,
+  *,
+  smoke: bool,
+  overrides: Sequence[Override],
+  spt: bool = False,
 ) -> dict:
   """Trains, tests and records one cell (skipped when finished); returns its record.
 
+  spt: the self-pretrained row's cell, in WORKDIR/<task>/<attention>+spt (both stages).
   Any exception is recorded in `failed.json` and returned as a failed record;
   only a preemption signal during training (`_Stopped`) or Ctrl-C outside it
   ends the grid.
   """
-  workdir = epath.Path(root) / task / attention_name
-  cell = f"{task}:{attention_name}"
+  row = row_name(attention_name, spt)
+  workdir = epath.Path(root) / task / row
+  trained_dir = stage_workdir(workdir, spt)
+  cell = f"{task}:{row}"
   failed_path = workdir / "failed.json"
   record_path = workdir / "cell.json"
   main_process = jax.process_index() == 0
   t0, outcome, wall_s = time.perf_counter(), "interrupted", None
   try:
-    config = cell_config(task, attention_name, smoke=smoke, overrides=overrides)
-    trained = _trained_to_end(workdir, config.num_train_steps)
+    config = cell_config(task, attention_name, smoke=smoke, overrides=overrides, spt=spt)
+    trained = _trained_to_end(trained_dir, config.num_train_steps)
     record = _read_json(record_path)
     if trained and record and _fresh_test_results(workdir):
       _log(f"{cell}: finished before, skipped (test accuracy {record['test_accuracy']:.4f}).")
@@ -305,7 +338,7 @@ def run_cell(
       from efficient_transformers.training import train_and_evaluate
 
       train_and_evaluate(config, workdir)
-      if not _trained_to_end(workdir, config.num_train_steps):
+      if not _trained_to_end(trained_dir, config.num_train_steps):
         outcome = "stopped"
         raise _Stopped(f"{cell}: training stopped before step {config.num_train_steps}.")
     from efficient_transformers.training import eval_lib
@@ -314,13 +347,13 @@ def run_cell(
       config, workdir, which="best", split="test"
     )
     wall_s = time.perf_counter() - t0
-    records = read_metrics(workdir)
+    records = read_metrics(trained_dir)
     best_val = [
       r for r in records if r.get("split") == "validation" and r.get("step") == results["step"]
     ]
     record = {
       "task": task,
-      "attention": attention_name,
+      "attention": row,
       "status": "finished",
       "test_accuracy": results["test"]["accuracy"],
       "test_loss": results["test"]["loss"],
@@ -333,6 +366,8 @@ def run_cell(
       **{k: results.get(k, v) for k, v in _device().items()},
       "jax_version": jax.__version__,
     }
+    if spt:
+      record.update(base_attention=attention_name, **_pretraining_record(workdir, config))
     outcome = "finished"
     if main_process:
       _write_json(record_path, record)
@@ -345,12 +380,12 @@ def run_cell(
   except WorkdirBusyError as e:
     outcome = "busy"  # Another job is training this cell: not a failure, nothing recorded.
     _log(f"{cell}: left to the job that holds it: {e}")
-    return {"task": task, "attention": attention_name, "status": "busy", "error": str(e)}
+    return {"task": task, "attention": row, "status": "busy", "error": str(e)}
   except Exception as e:  # noqa: BLE001 - one cell's failure must not end the grid.
     outcome = "failed"
     message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
     message = message.strip() or type(e).__name__
-    failure = {"task": task, "attention": attention_name, "status": "failed", "error": message}
+    failure = {"task": task, "attention": row, "status": "failed", "error": message}
     if not isinstance(e, UserError):
       failure["traceback"] = traceback.format_exc()
       _log(failure["traceback"])
@@ -368,14 +403,28 @@ def run_cell(
       paths.write_text(workdir / "attempts.jsonl", "\n".join(lines) + "\n")
 
 
+def _pretraining_record(workdir, config: ml_collections.ConfigDict) -> dict:
+  """Stage 1 of a self-pretrained cell: its steps, objective, speed and best token accuracy."""
+  records = read_metrics(workdir / "pretrain")
+  valid = [r["accuracy"] for r in records if r.get("split") == "validation" and "accuracy" in r]
+  return {
+    "pretrain_steps": config.spt.pretrain_steps,
+    "pretrain_objective": config.spt.objective,
+    "pretrain_steps_per_sec": median_steps_per_sec(records),
+    "pretrain_val_token_accuracy": max(valid) if valid else None,
+  }
+
+
 # ---------------------------------------------------------------- Command line.
 
 
-def cell_command(args: argparse.Namespace, task: str, attention_name: str) -> str:
+def cell_command(
+  args: argparse.Namespace, task: str, attention_name: str, spt: bool = False
+) -> str:
   """The command running one cell, for a job scheduler."""
   parts = [
     "python", "-m", "efficient_transformers.benchmarks.lra",
-    f"--workdir={args.workdir}", f"--cell={task}:{attention_name}",
+    f"--workdir={args.workdir}", f"--cell={task}:{row_name(attention_name, spt)}",
   ]  # fmt: skip
   if args.smoke:
     parts.append("--smoke")
@@ -384,23 +433,28 @@ def cell_command(args: argparse.Namespace, task: str, attention_name: str) -> st
   return shlex.join(parts)
 
 
-def _dry_run(tasks, names, *, smoke: bool, overrides) -> int:
-  """Builds and compiles every cell's train step (train.py --dry_run); writes nothing."""
+def _dry_run(tasks, names, arms, *, smoke: bool, overrides) -> int:
+  """Builds and compiles every cell's train step (train.py --dry_run); writes nothing.
+  A self-pretrained cell compiles both stages' steps."""
   from efficient_transformers.training import train_lib
 
   failed = []
   for task in tasks:
     for name in names:
-      try:
-        report = train_lib.dry_run(cell_config(task, name, smoke=smoke, overrides=overrides))
-      except UserError as e:
-        failed.append(f"{task}:{name}")
-        _log(f"{task}:{name}: error: {e}")
-        continue
-      memory = f", {report['total_mib']:.1f} MiB per device" if "total_mib" in report else ""
-      flops = f", {report['flops']:.3g} FLOPs per step" if "flops" in report else ""
-      _log(f"{task}:{name}: compiles; {report['num_params']:,} parameters{memory}{flops}.")
-      jax.clear_caches()
+      for spt in arms:
+        cell = f"{task}:{row_name(name, spt)}"
+        try:
+          config = cell_config(task, name, smoke=smoke, overrides=overrides, spt=spt)
+          report = train_lib.dry_run(config)
+        except UserError as e:
+          failed.append(cell)
+          _log(f"{cell}: error: {e}")
+          continue
+        memory = f", {report['total_mib']:.1f} MiB per device" if "total_mib" in report else ""
+        flops = f", {report['flops']:.3g} FLOPs per step" if "flops" in report else ""
+        stage = " (fine-tuning; pretraining compiles too)" if "pretrain" in report else ""
+        _log(f"{cell}: compiles; {report['num_params']:,} parameters{memory}{flops}{stage}.")
+        jax.clear_caches()
   if failed:
     _log(f"{len(failed)} cell(s) would fail: {', '.join(failed)}.")
   return 1 if failed else 0
@@ -418,7 +472,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--config_overrides", nargs="*", default=[], metavar="[NAME:]KEY=VALUE",
     help="config.KEY=VALUE in every cell, or only in task or attention NAME's cells",
   )  # fmt: skip
-  parser.add_argument("--cell", default=None, metavar="TASK:ATTENTION", help="run one cell only")
+  parser.add_argument(
+    "--spt",
+    action="store_true",
+    help="also the self-pretrained rows (NAME+spt): the task's spt config arg",
+  )
+  parser.add_argument(
+    "--cell", default=None, metavar="TASK:ATTENTION[+spt]", help="run one cell only"
+  )
   parser.add_argument("--report_only", action="store_true", help="only rebuild the results files")
   parser.add_argument("--print_commands", action="store_true", help="print one command per cell")
   parser.add_argument(
@@ -430,49 +491,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Any attention or baseline mixer is a row; the default grid is the attentions.
     valid_tasks, valid_attentions = available_tasks(), mixing.available()
     default_tasks = ",".join(t for t in valid_tasks if t in AVERAGED_TASKS)
+    arms = [False, True] if args.spt else [False]
     if args.cell is not None:
       task, colon, name = args.cell.partition(":")
       if not colon:
         raise ConfigError(f"--cell={args.cell!r}: write TASK:ATTENTION, e.g. listops:softmax.")
-      args.tasks, args.attentions = task, name
+      arms = [name.endswith(SPT_SUFFIX)]
+      args.tasks, args.attentions = task, name.removesuffix(SPT_SUFFIX)
     tasks = _names(args.tasks or default_tasks, valid_tasks, "task")
     names = _names(
       args.attentions or ",".join(attention.available()), valid_attentions, "attention"
     )
     overrides = parse_overrides(args.config_overrides, [*valid_tasks, *valid_attentions])
+    rows = [row_name(n, spt) for n in names for spt in arms]
     if args.report_only:
-      print(write_report(root, tasks if args.tasks else (), names if args.attentions else ()))
+      print(write_report(root, tasks if args.tasks else (), rows if args.attentions else ()))
       return 0
     if args.print_commands:
       for task in tasks:
         for name in names:
-          print(cell_command(args, task, name))
+          for spt in arms:
+            print(cell_command(args, task, name, spt))
       return 0
     # A wrong override key is a mistake in the command, not in a cell: refuse before training.
     for task in tasks:
       for name in names:
-        try:
-          cell_config(task, name, smoke=args.smoke, overrides=overrides)
-        except ConfigError as e:
-          if str(e).startswith("--config_overrides"):
-            raise
-        except Exception:  # noqa: BLE001 - the cell records its own failure.
-          pass
+        for spt in arms:
+          try:
+            cell_config(task, name, smoke=args.smoke, overrides=overrides, spt=spt)
+          except ConfigError as e:
+            if str(e).startswith("--config_overrides"):
+              raise
+          except Exception:  # noqa: BLE001 - the cell records its own failure.
+            pass
     if args.dry_run:
-      return _dry_run(tasks, names, smoke=args.smoke, overrides=overrides)
+      return _dry_run(tasks, names, arms, smoke=args.smoke, overrides=overrides)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
-  records = []
+  records, cells = [], [(t, n, spt) for t in tasks for n in names for spt in arms]
   try:
-    for i, task in enumerate(tasks):
-      for j, name in enumerate(names):
-        _log(f"[{i * len(names) + j + 1}/{len(tasks) * len(names)}] {task}:{name}")
-        records.append(run_cell(task, name, root, smoke=args.smoke, overrides=overrides))
-        # Free the finished cell's executables and buffers before the next one compiles.
-        jax.clear_caches()
-        gc.collect()
+    for i, (task, name, spt) in enumerate(cells):
+      _log(f"[{i + 1}/{len(cells)}] {task}:{row_name(name, spt)}")
+      records.append(run_cell(task, name, root, smoke=args.smoke, overrides=overrides, spt=spt))
+      # Free the finished cell's executables and buffers before the next one compiles.
+      jax.clear_caches()
+      gc.collect()
   except (_Stopped, KeyboardInterrupt) as e:
     _log(f"{e or 'Interrupted'}; rerun the same command to continue the grid.")
     return 130
@@ -483,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"--workdir={shlex.quote(args.workdir)} --report_only"
     )
   elif jax.process_index() == 0:
-    print(write_report(root, tasks, names))
+    print(write_report(root, tasks, rows))
     _log(f"Wrote results.md, results.csv, results_plot.png in {root}.")
   if failed:
     _log(f"{len(failed)} cell(s) failed: {', '.join(failed)}. Rerun the command to retry them.")

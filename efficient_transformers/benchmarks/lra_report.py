@@ -61,8 +61,25 @@ LRA_NAMES = {
 }
 
 
+# A self-pretrained row (the runner's --spt): NAME+spt, in WORKDIR/<task>/NAME+spt.
+SPT_SUFFIX = "+spt"
+
+
+def row_name(attention_name: str, spt: bool) -> str:
+  """A row's (and its cells' directory's) name: the attention, +spt when self-pretrained."""
+  return attention_name + SPT_SUFFIX * spt
+
+
+def lra_name(row: str) -> str:
+  """LRA's model name for a row ('Transformer + SPT' for softmax+spt), or '-'."""
+  base = row.removesuffix(SPT_SUFFIX)
+  name = LRA_NAMES.get(base, "-")
+  return f"{name} + SPT" if row != base and name != "-" else name
+
+
 def published(attention_name: str, task: str) -> float | None:
-  """LRA's Table 1 test accuracy (%) for our attention on `task`; None if there is none."""
+  """LRA's Table 1 test accuracy (%) for our attention on `task`; None if there is none
+  (as for every self-pretrained row: Table 1 trained from scratch)."""
   row = PUBLISHED.get(LRA_NAMES.get(attention_name, ""))
   return row[TASKS.index(task)] if row and task in TASKS else None
 
@@ -85,9 +102,13 @@ def _fresh_test_results(workdir) -> dict | None:
   results = _read_json(path)
   if not results or results.get("checkpoint") != "best" or "test" not in results:
     return None
-  metrics = epath.Path(workdir) / "metrics.jsonl"
-  if metrics.exists() and path.stat().mtime < metrics.stat().mtime:
-    return None  # Evaluated before training went on.
+  # A self-pretrained cell's training writes in its fine-tuning stage's workdir.
+  for metrics in (
+    epath.Path(workdir) / "metrics.jsonl",
+    epath.Path(workdir) / "finetune" / "metrics.jsonl",
+  ):
+    if metrics.exists() and path.stat().mtime < metrics.stat().mtime:
+      return None  # Evaluated before training went on.
   return results
 
 
@@ -116,11 +137,13 @@ def collect(root: str, tasks: Sequence[str] = (), attentions: Sequence[str] = ()
   task_rank = {t: i for i, t in enumerate(dict.fromkeys([*tasks, *TASKS]))}
   att_order = dict.fromkeys([*attentions, *LRA_NAMES, *attention.available()])  # LRA's rows.
   att_rank = {a: i for i, a in enumerate(att_order)}
+  base = lambda name: name.removesuffix(SPT_SUFFIX)  # A self-pretrained row after its own.
   return sorted(
     found.values(),
     key=lambda r: (
-      att_rank.get(r["attention"], len(att_rank)),
-      r["attention"],
+      att_rank.get(base(r["attention"]), len(att_rank)),
+      base(r["attention"]),
+      r["attention"].endswith(SPT_SUFFIX),
       task_rank.get(r["task"], len(task_rank)),
       r["task"],
     ),
@@ -137,7 +160,7 @@ def table1_rows(cells: list[dict]) -> tuple[list[str], list[dict]]:
   rows = []
   for name in dict.fromkeys(c["attention"] for c in cells):
     mine = {c["task"]: c for c in cells if c["attention"] == name}
-    row = {"attention": name, "lra_name": LRA_NAMES.get(name, "-"), "cells": mine}
+    row = {"attention": name, "lra_name": lra_name(name), "cells": mine}
     done = [t for t in tasks if mine.get(t, {}).get("status") == "finished"]
     averaged = [t for t in done if t in AVERAGED_TASKS] or [t for t in done if t == "pathx"]
     row["avg"] = _mean([mine[t]["test_accuracy"] * 100 for t in averaged])
@@ -201,6 +224,16 @@ def markdown(cells: list[dict]) -> str:
     "figure (Tay et al. 2020, Table 1) for the matching model ('-': none, e.g. Path-X FAIL). "
     "Avg: mean over the finished tasks (Path-X excluded, as in LRA); its published figure is "
     "the mean over the same tasks. FAILED cells are retried by rerunning the command.",
+    *(
+      [
+        "",
+        "Rows NAME+spt: self-pretrained on the task's own training inputs, then fine-tuned "
+        "(the `spt` config arg: rotary positions where the attention takes them); Table 1 "
+        "has no such figure. Their steps/s and memory are the fine-tuning's.",
+      ]
+      if any(r["attention"].endswith(SPT_SUFFIX) for r in rows)
+      else []
+    ),
     "",
     "| Attention | LRA model | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " | Avg |",
     "|---|---|" + "---:|" * (len(tasks) + 1),
@@ -244,7 +277,8 @@ def markdown(cells: list[dict]) -> str:
 CELL_KEYS = (
   "task", "attention", "status", "test_accuracy", "test_loss", "best_val_accuracy", "best_step",
   "num_train_steps", "steps_per_sec", "memory_mib", "temp_mib", "argument_mib", "xla_peak_mib",
-  "num_params", "wall_s", "device_kind", "platform", "num_devices", "error",
+  "num_params", "wall_s", "device_kind", "platform", "num_devices", "pretrain_steps",
+  "pretrain_objective", "pretrain_steps_per_sec", "pretrain_val_token_accuracy", "error",
 )  # fmt: skip
 
 

@@ -185,7 +185,12 @@ class NextToken:
 
 class _Pretraining:
   """Self-pretraining on a classification task's own inputs (`models.TokenPredictor`):
-  the task's labels are not read. Shared checks and summary of the two objectives below."""
+  the task's labels are not read. Shared checks and summary of the two objectives below.
+
+  `input_names` are the task's token fields: ("inputs",), or Retrieval's ("inputs1",
+  "inputs2"), whose documents are stacked on the batch axis and each predicted alone (the
+  paper pretrains on every document, not on pairs).
+  """
 
   count_name = "num_predicted"
   input_names = ("inputs",)
@@ -218,6 +223,16 @@ def _row_weights(batch: dict, shape) -> jax.Array:
   return jnp.broadcast_to(weight.astype(jnp.float32)[:, None], shape)
 
 
+def _documents(batch: dict, names: Sequence[str]) -> tuple[jax.Array, jax.Array]:
+  """(ids, row weights), both [documents, length]: the fields `names` stacked on the batch
+  axis (one document per row), each row weighted as its example."""
+  ids = [batch[n] for n in names]
+  rows = [_row_weights(batch, x.shape) for x in ids]
+  if len(ids) == 1:
+    return ids[0], rows[0]
+  return jnp.concatenate(ids, axis=0), jnp.concatenate(rows, axis=0)
+
+
 class MaskedTokens(_Pretraining):
   """Masked-token denoising: a fraction `mask_rate` of the real tokens is replaced by the
   [MASK] id and predicted from the rest; the loss and accuracy count only those positions.
@@ -234,26 +249,33 @@ class MaskedTokens(_Pretraining):
   name = "masked_tokens"
   needs_key = True
 
-  def __init__(self, mask_rate: float, mask_id: int):
+  def __init__(self, mask_rate: float, mask_id: int, input_names: Sequence[str] = ("inputs",)):
     if not 0.0 < mask_rate < 1.0:
       raise ConfigError(f"config.model.mask_rate must be in (0, 1); got {mask_rate}.")
     self.mask_rate, self.mask_id = mask_rate, mask_id
+    self.input_names = tuple(input_names)
 
   @classmethod
-  def from_config(cls, model_cls: type, model_cfg: ml_collections.ConfigDict, vocab_size: int):
+  def from_config(
+    cls,
+    model_cls: type,
+    model_cfg: ml_collections.ConfigDict,
+    vocab_size: int,
+    input_names: Sequence[str] = ("inputs",),
+  ):
     del model_cls
-    return cls(float(model_cfg.get("mask_rate", 0.15)), vocab_size)
+    return cls(float(model_cfg.get("mask_rate", 0.15)), vocab_size, input_names)
 
   def choose(self, ids: jax.Array, key: jax.Array) -> jax.Array:
     """bool [batch, length]: the real tokens to mask."""
     return jax.random.bernoulli(key, self.mask_rate, ids.shape) & (ids != 0)
 
   def apply(self, model, batch: dict, carry, *, deterministic: bool, key: jax.Array):
-    ids = batch["inputs"]
+    ids, rows = _documents(batch, self.input_names)
     chosen = self.choose(ids, key)
     corrupted = jnp.where(chosen, jnp.asarray(self.mask_id, ids.dtype), ids)
     logits = model(corrupted, deterministic=deterministic)
-    weights = chosen.astype(jnp.float32) * _row_weights(batch, ids.shape)
+    weights = chosen.astype(jnp.float32) * rows
     return classification_sums(logits, ids.astype(jnp.int32), weights), carry, {}
 
 
@@ -263,16 +285,25 @@ class NextTokens(_Pretraining):
 
   name = "next_tokens"
 
+  def __init__(self, input_names: Sequence[str] = ("inputs",)):
+    self.input_names = tuple(input_names)
+
   @classmethod
-  def from_config(cls, model_cls: type, model_cfg: ml_collections.ConfigDict, vocab_size: int):
+  def from_config(
+    cls,
+    model_cls: type,
+    model_cfg: ml_collections.ConfigDict,
+    vocab_size: int,
+    input_names: Sequence[str] = ("inputs",),
+  ):
     del model_cls, model_cfg, vocab_size
-    return cls()
+    return cls(input_names)
 
   def apply(self, model, batch: dict, carry, *, deterministic: bool):
-    ids = batch["inputs"]
+    ids, rows = _documents(batch, self.input_names)
     logits = model(ids, deterministic=deterministic)[:, :-1]
     targets = ids[:, 1:].astype(jnp.int32)
-    weights = (targets != 0).astype(jnp.float32) * _row_weights(batch, targets.shape)
+    weights = (targets != 0).astype(jnp.float32) * rows[:, 1:]
     return classification_sums(logits, targets, weights), carry, {}
 
 
@@ -286,11 +317,12 @@ def make(
   model_cfg: ml_collections.ConfigDict,
   task_name: str,
   vocab_size: int | None = None,
+  token_fields: Sequence[str] = ("inputs",),
 ):
   """The objective `name` (a task's `objective`) for this model, checked against it.
 
   A pretraining model (`models.TokenPredictor`) gets `config.model.pretrain_objective`
-  over the inputs of a classification task instead.
+  over the inputs of a classification task instead: its `token_fields`, each document alone.
   """
   if getattr(model_cls, "pretraining", False):
     chosen = model_cfg.get("pretrain_objective", "masked_tokens")
@@ -301,7 +333,7 @@ def make(
         f"task {task_name!r} ({name}) and pretrain_objective={chosen!r}."
       )
     PRETRAINING[chosen].check(model_cls, model_cfg, task_name)
-    return PRETRAINING[chosen].from_config(model_cls, model_cfg, vocab_size)
+    return PRETRAINING[chosen].from_config(model_cls, model_cfg, vocab_size, token_fields)
   if name not in OBJECTIVES:  # pragma: no cover - a task module out of step with this one.
     raise ConfigError(
       f"Task {task_name!r} has unknown objective {name!r}; valid: {list(OBJECTIVES)}."

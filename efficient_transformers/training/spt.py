@@ -5,7 +5,8 @@
 With `config.spt.pretrain_steps` > 0 one command runs two ordinary training runs:
 
 1. WORKDIR/pretrain: the classifier's encoder with a token head (`models.TokenPredictor`)
-   trained `pretrain_steps` on the task's own training inputs, labels unread, with
+   trained `pretrain_steps` on the task's own training inputs (for Retrieval, each of the
+   two documents alone), labels unread, with
    `config.spt.objective` (masked-token denoising at `config.spt.mask_rate`, or causal
    next-token prediction) and the run's optimizer settings.
 2. WORKDIR/finetune: the classifier, its encoder restored from stage 1's best checkpoint
@@ -22,12 +23,16 @@ workdir scores the fine-tuned classifier and writes WORKDIR/results.json with
 import copy
 
 import ml_collections
+from absl import logging
 
 from efficient_transformers import paths
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.training import checkpointing
 
 STAGES = ("pretrain", "finetune")
+# The models whose encoder stage 1 pretrains: Retrieval's dual encoder pretrains its one
+# shared tower on every document alone (`objectives._documents`).
+FINETUNED_KINDS = ("classifier", "dual_encoder")
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -43,10 +48,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.spt.pretrain_steps must be >= 0; got {config.spt.pretrain_steps}.")
   if not enabled(config):
     return
-  if config.model.kind != "classifier":
+  if config.model.kind not in FINETUNED_KINDS:
     raise ConfigError(
-      f"config.spt pretrains a one-tower classifier's encoder; config.model.kind is "
-      f"{config.model.kind!r}. Set config.spt.pretrain_steps=0."
+      f"config.spt pretrains the encoder of a {' or '.join(FINETUNED_KINDS)}; "
+      f"config.model.kind is {config.model.kind!r}. Set config.spt.pretrain_steps=0."
     )
   if config.init_from:
     raise ConfigError(
@@ -97,12 +102,23 @@ def train_stages(config: ml_collections.ConfigDict, workdir, train) -> dict:
   started = finetune.latest_step() is not None
   finetune.close()
   if not started:
+    logging.info(
+      "Stage 1 of 2: self-pretraining (%s) for %d steps in %s.",
+      config.spt.objective,
+      config.spt.pretrain_steps,
+      dirs["pretrain"],
+    )
     train(configs["pretrain"], str(dirs["pretrain"]), stage="pretrain")
     pretrain = checkpointing.Checkpointer(dirs["pretrain"])
     finished = pretrain.latest_step() == config.spt.pretrain_steps
     pretrain.close()
     if not finished:  # Stopped by a preemption signal: rerunning resumes stage 1.
       return {}
+  logging.info(
+    "Stage 2 of 2: fine-tuning in %s%s.",
+    dirs["finetune"],
+    ", resumed (stage 1 is done)" if started else " from stage 1's best checkpoint",
+  )
   return train(configs["finetune"], str(dirs["finetune"]), stage="finetune")
 
 

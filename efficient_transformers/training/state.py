@@ -156,7 +156,10 @@ def make_objective(model_cfg: ml_collections.ConfigDict, task):
       f"config.model.kind={model_cfg.kind!r} is unknown; valid: {', '.join(models.MODELS)}."
     )
   cls = models.MODELS[model_cfg.kind]
-  objective = objectives.make(task.objective, cls, model_cfg, task.name, task.vocab_size)
+  tokens = tuple(name for name in task.fields if name != "targets")  # What pretraining reads.
+  objective = objectives.make(
+    task.objective, cls, model_cfg, task.name, task.vocab_size, token_fields=tokens
+  )
   fields = set(task.fields)
   if not set(objective.input_names) <= fields:
     raise ConfigError(
