@@ -1,4 +1,4 @@
-"""Every model x every attention trains two steps in the sharded train step (8 fake devices).
+"""Models x attentions train two steps in the sharded train step (8 fake devices).
 
 The encoder classifier, the decoder LM and memory x attention have their own files
 (test_attention_in_training.py, test_lm_attention.py, test_lm_memory_attention.py); this
@@ -80,8 +80,19 @@ def synthetic_batch(spec, batch_size, rng):
   return batch
 
 
-@pytest.mark.parametrize("name", attention.available())
-@pytest.mark.parametrize("kind", list(CONFIGS))
+# The dual encoder is the classifier's encoder run once over both documents: every
+# attention trains in that encoder already (test_attention_in_training.py). Here, the
+# attentions whose kwargs the config sizes for the span (Linformer, Sinkhorn,
+# Synthesizer), BigBird (a random layout per row, and the rows doubled) and softmax;
+# the segmented classifier (short segments, a last segment that may be all padding)
+# with every attention.
+DUAL_ENCODER_ATTENTIONS = ("softmax", "linformer", "sinkhorn", "synthesizer", "bigbird")
+CASES = [("dual_encoder", name) for name in DUAL_ENCODER_ATTENTIONS] + [
+  ("segmented", name) for name in attention.available()
+]
+
+
+@pytest.mark.parametrize("kind,name", CASES)
 def test_model_trains_two_sharded_steps(kind, name):
   config = CONFIGS[kind](name)
   assert config.model.kind == kind and config.model.attention == name

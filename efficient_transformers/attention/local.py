@@ -10,7 +10,10 @@ with the in-block causal mask, and `num_neighbors` previous blocks).
 
 Cost, with b = block_size and n = num_neighbors: O(L * b * (2n + 1) * d) time
 and O(L * b * (2n + 1)) memory per head, forward and backward (plain autodiff
-stores only the blocked logits). No [L, L] array is built.
+stores only the window's exponentials). No [L, L] array is built. The kernel works
+heads-major ([batch, heads, blocks, block, d]) and pairs the query blocks with each
+neighbour offset in its own einsum under one softmax (`masked_exp_parts`): no copy of
+the neighbour blocks side by side, and no transpose around each einsum.
 """
 
 import functools
@@ -35,22 +38,51 @@ def to_blocks(x: jax.Array, block: int) -> jax.Array:
   return x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:])
 
 
-def neighbor_blocks(x: jax.Array, offsets: range) -> jax.Array:
-  """For each block a, blocks a + o (o in offsets) side by side; zeros outside the sequence.
+def heads_major_blocks(x: jax.Array, block: int, padded: int) -> jax.Array:
+  """[batch, length, heads, d] -> [batch, heads, padded // block, block, d], zero-padded.
 
-  Args:
-    x: [batch, num_blocks, block, ...].
-    offsets: increasing block offsets.
+  The blocked kernels work heads-major: every einsum over blocks then has its batch axes
+  (batch, heads, blocks) leading and its operands in the layout the dot wants, so XLA
+  transposes each input once instead of around every einsum (forward and backward).
+  """
+  x = pad_to(x, padded).transpose(0, 2, 1, 3)
+  return x.reshape(x.shape[0], x.shape[1], padded // block, block, *x.shape[3:])
 
-  Returns:
-    [batch, num_blocks, len(offsets) * block, ...].
+
+def from_heads_major_blocks(x: jax.Array, length: int) -> jax.Array:
+  """[batch, heads, num_blocks, block, d] -> [batch, length, heads, d] (padding dropped)."""
+  batch, heads, num_blocks, block = x.shape[:4]
+  x = x.reshape(batch, heads, num_blocks * block, *x.shape[4:])[:, :, :length]
+  return x.transpose(0, 2, 1, 3)
+
+
+def shifted_blocks(x: jax.Array, offsets: range, *, axis: int) -> list[jax.Array]:
+  """For each offset o, x with block a + o at block a (zeros outside the sequence).
+
+  `axis` is the blocks axis. The window's neighbour blocks as separate arrays: each pairs
+  with the query blocks in its own einsum, so the neighbours of every block are never
+  copied side by side (a concatenation would move (2n + 1)x the keys' bytes, forward
+  and backward).
   """
   before, after = max(0, -offsets[0]), max(0, offsets[-1])
   widths = [(0, 0)] * x.ndim
-  widths[1] = (before, after)
+  widths[axis] = (before, after)
   padded = jnp.pad(x, widths)
-  num_blocks = x.shape[1]
-  return jnp.concatenate([padded[:, before + o : before + o + num_blocks] for o in offsets], axis=2)
+  num_blocks = x.shape[axis]
+  return [
+    jax.lax.slice_in_dim(padded, before + o, before + o + num_blocks, axis=axis) for o in offsets
+  ]
+
+
+def weighted_sum(exps: Sequence[jax.Array], values: Sequence[jax.Array]) -> jax.Array:
+  """sum_i exps[i] @ values[i] over the key axis, float32: [..., q, k_i] x [..., k_i, d]."""
+  return functools.reduce(
+    jnp.add,
+    [
+      jnp.einsum("...qk,...kd->...qd", e.astype(x.dtype), x, preferred_element_type=_F32)
+      for e, x in zip(exps, values, strict=True)
+    ],
+  )
 
 
 def masked_softmax(logits: jax.Array, keep: jax.Array) -> jax.Array:
@@ -207,23 +239,30 @@ def local_attention(
   padded = num_blocks * b
 
   keep = jnp.ones((batch, kv_length), bool) if mask is None else mask.astype(bool)
-  qb = to_blocks(pad_to(q, padded), b)  # [B, nb, b, H, D]
-  kn, vn = (neighbor_blocks(to_blocks(pad_to(x, padded), b), offsets) for x in (k, v))
-  keep_n = neighbor_blocks(to_blocks(pad_to(keep, padded), b), offsets)  # [B, nb, W]
-
-  logits = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kn, preferred_element_type=_F32)
-  logits = logits * (q.shape[-1] ** -0.5)  # [B, H, nb, b, W]
-  keep_logits = keep_n[:, None, :, None, :]
+  qb = heads_major_blocks(q, b, padded)  # [B, H, nb, b, D]
+  kb, vb = (heads_major_blocks(x, b, padded) for x in (k, v))
+  keep_b = to_blocks(pad_to(keep, padded), b)  # [B, nb, b]
+  scale = q.shape[-1] ** -0.5
   # Positions relative to the query block's start; the same for every block.
   q_pos = jnp.arange(b)[:, None]
-  k_pos = offsets[0] * b + jnp.arange(len(offsets) * b)[None, :]
-  if causal:
-    keep_logits = keep_logits & (k_pos <= q_pos)
-  if alibi_slopes is not None:
-    logits = logits + positions.alibi_bias(alibi_slopes, q_pos, k_pos)[None, :, None]
-  weights = masked_softmax(logits, keep_logits)
-  out = jnp.einsum("bhnqk,bnkhd->bnqhd", weights.astype(v.dtype), vn)
-  out = out.reshape(batch, padded, *q.shape[2:])[:, :q_length]
+  parts = []
+  k_shifted, keep_shifted = (
+    shifted_blocks(kb, offsets, axis=2),
+    shifted_blocks(keep_b, offsets, axis=1),
+  )
+  for o, ko, keep_o in zip(offsets, k_shifted, keep_shifted, strict=True):
+    logits = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, ko, preferred_element_type=_F32) * scale
+    keep_logits = keep_o[:, None, :, None, :]  # [B, 1, nb, 1, b]
+    k_pos = o * b + jnp.arange(b)[None, :]
+    if causal and o == 0:
+      keep_logits = keep_logits & (k_pos <= q_pos)
+    if alibi_slopes is not None:
+      logits = logits + positions.alibi_bias(alibi_slopes, q_pos, k_pos)[None, :, None]
+    parts.append((logits, keep_logits))
+  # One softmax over the window's blocks, never concatenated (see masked_exp_parts).
+  exps, denom = masked_exp_parts(parts)
+  out = weighted_sum(exps, shifted_blocks(vb, offsets, axis=2)) / denom  # [B, H, nb, b, D]
+  out = from_heads_major_blocks(out.astype(q.dtype), q_length)
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
 
 

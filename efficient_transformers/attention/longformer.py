@@ -46,11 +46,14 @@ from efficient_transformers.attention.base import (
   defaults_of,
 )
 from efficient_transformers.attention.local import (
+  from_heads_major_blocks,
+  heads_major_blocks,
   masked_exp_parts,
   masked_softmax,
-  neighbor_blocks,
   pattern_attention_weights,
+  shifted_blocks,
   to_blocks,
+  weighted_sum,
 )
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
@@ -202,35 +205,41 @@ def longformer_attention(
   # Global keys enter through the global columns below; not again in the window.
   keep_window = keep_p & ~is_global[None, :]
 
-  # Window part: [B, H, nb, w, W] logits with W = len(offsets) * w.
-  qb = to_blocks(pad_to(q, padded), w)  # [B, nb, w, H, D]
-  kn, vn = (neighbor_blocks(to_blocks(pad_to(x, padded), w), offsets) for x in (k, v))
-  keep_n = neighbor_blocks(to_blocks(keep_window, w), offsets)  # [B, nb, W]
+  # Window part: the query blocks against each neighbour offset, heads-major, every offset
+  # its own [B, H, nb, w, w] logits (`local.shifted_blocks`: never concatenated).
+  qb = heads_major_blocks(q, w, padded)  # [B, H, nb, w, D]
+  kb, vb = (heads_major_blocks(x, w, padded) for x in (k, v))
+  keep_b = to_blocks(keep_window, w)  # [B, nb, w]
   scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kn, preferred_element_type=_F32) * scale
   r = np.arange(w)[:, None]  # query position relative to its block's start
-  c = offsets[0] * w + np.arange(len(offsets) * w)[None, :]  # key position, same origin
-  band = (np.abs(r - c) <= w) & ((c <= r) if causal else True)  # [w, W], same for every block
-  parts = [(logits, keep_n[:, None, :, None, :] & band)]
+  parts = []
+  k_shifted, keep_shifted = (
+    shifted_blocks(kb, offsets, axis=2),
+    shifted_blocks(keep_b, offsets, axis=1),
+  )
+  for o, ko, keep_o in zip(offsets, k_shifted, keep_shifted, strict=True):
+    logits = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, ko, preferred_element_type=_F32) * scale
+    c = o * w + np.arange(w)[None, :]  # key position, same origin
+    band = (np.abs(r - c) <= w) & ((c <= r) if causal else True)  # [w, w], every block
+    parts.append((logits, keep_o[:, None, :, None, :] & band))
 
   if g:
     # Global columns: every query against the g global keys (ordinary k, v), in
-    # the same softmax as the window (two parts, never concatenated).
-    kg, vg = k[:, g_idx], v[:, g_idx]  # [B, g, H, D]
-    g_logits = jnp.einsum("bnqhd,bghd->bhnqg", qb, kg, preferred_element_type=_F32) * scale
+    # the same softmax as the window (more parts, never concatenated).
+    kg, vg = k[:, g_idx].transpose(0, 2, 1, 3), v[:, g_idx].transpose(0, 2, 1, 3)  # [B, H, g, D]
+    g_logits = jnp.einsum("bhnqd,bhgd->bhnqg", qb, kg, preferred_element_type=_F32) * scale
     g_keep = keep[:, g_idx][:, None, None, None, :]  # [B, 1, 1, 1, g]
     if causal:
       g_keep = g_keep & (g_idx[None, :] <= np.arange(padded)[:, None]).reshape(num_blocks, w, g)
     parts.append((g_logits, g_keep))
 
   exps, denom = masked_exp_parts(parts)
-  out = jnp.einsum("bhnqk,bnkhd->bnqhd", exps[0].astype(v.dtype), vn, preferred_element_type=_F32)
+  out = weighted_sum(exps[: len(offsets)], shifted_blocks(vb, offsets, axis=2))
   if g:
     out = out + jnp.einsum(
-      "bhnqg,bghd->bnqhd", exps[1].astype(v.dtype), vg, preferred_element_type=_F32
+      "bhnqg,bhgd->bhnqd", exps[-1].astype(v.dtype), vg, preferred_element_type=_F32
     )
-  out = out / jnp.moveaxis(denom, 1, -2)  # [B, H, nb, w, 1] -> [B, nb, w, H, 1]
-  out = out.reshape(batch, padded, *q.shape[2:])[:, :length]
+  out = from_heads_major_blocks((out / denom).astype(q.dtype), length)  # [B, L, H, D]
 
   if g:
     q_g, k_g, v_g = (q[:, g_idx], k, v) if global_qkv is None else global_qkv

@@ -43,11 +43,14 @@ from efficient_transformers.attention.base import MultiHeadAttention, defaults_o
 from efficient_transformers.attention.local import (
   check_fits_sequence,
   check_positive_int,
+  from_heads_major_blocks,
+  heads_major_blocks,
   masked_exp_parts,
-  neighbor_blocks,
   pad_to,
   pattern_attention_weights,
+  shifted_blocks,
   to_blocks,
+  weighted_sum,
 )
 from efficient_transformers.attention.registry import register
 from efficient_transformers.errors import ConfigError
@@ -120,10 +123,12 @@ def _fixed(q, k, v, keep, causal, b, c):
   """
   batch, length = q.shape[:2]
   num_blocks = length // b
-  kb, vb = (to_blocks(x, b) for x in (k, v))  # [B, nb, b, H, D]
+  qb, kb, vb = (heads_major_blocks(x, b, length) for x in (q, k, v))  # [B, H, nb, b, D]
   keep_b = to_blocks(keep, b)  # [B, nb, b]
-  # Summary keys: the last c positions of every block, [B, nb * c, ...].
-  ks, vs = (x[:, :, b - c :].reshape(batch, num_blocks * c, *x.shape[3:]) for x in (kb, vb))
+  # Summary keys: the last c positions of every block, [B, H, nb * c, D].
+  ks, vs = (
+    x[:, :, :, b - c :].reshape(*x.shape[:2], num_blocks * c, x.shape[-1]) for x in (kb, vb)
+  )
   keep_s = keep_b[:, :, b - c :].reshape(batch, num_blocks * c)
   s_block = jnp.arange(num_blocks * c) // c  # the block of each summary key
   scale = q.shape[-1] ** -0.5
@@ -132,17 +137,22 @@ def _fixed(q, k, v, keep, causal, b, c):
   # with masked blocks whose rows are dropped.
   m = min(_FIXED_CHUNK_BLOCKS, num_blocks)
   chunks = -(-num_blocks // m)
-  qb, kbp, vbp, keep_bp = (
-    pad_to(x, chunks * m).reshape(batch, chunks, m, *x.shape[2:]).swapaxes(0, 1)
-    for x in (to_blocks(q, b), kb, vb, keep_b)
-  )  # [chunks, B, m, b, ...]
+
+  def chunked(x, axis):  # [..., nb (axis), ...] -> [chunks, ..., m, ...]
+    x = jnp.moveaxis(x, axis, 0)
+    x = jnp.pad(x, [(0, chunks * m - num_blocks)] + [(0, 0)] * (x.ndim - 1))
+    x = x.reshape(chunks, m, *x.shape[1:])
+    return jnp.moveaxis(x, 1, axis + 1)
+
+  qc_all, kc_all, vc_all = (chunked(x, 2) for x in (qb, kb, vb))  # [chunks, B, H, m, b, D]
+  keep_c_all = chunked(keep_b, 1)  # [chunks, B, m, b]
   block_ids = jnp.arange(chunks * m).reshape(chunks, m)
 
   @jax.checkpoint
   def chunk(ks, vs, xs):
     qc, kc, vc, keep_c, ids = xs
-    local = jnp.einsum("bnqhd,bnkhd->bhnqk", qc, kc, preferred_element_type=_F32) * scale
-    summary = jnp.einsum("bnqhd,bshd->bhnqs", qc, ks, preferred_element_type=_F32) * scale
+    local = jnp.einsum("bhnqd,bhnkd->bhnqk", qc, kc, preferred_element_type=_F32) * scale
+    summary = jnp.einsum("bhnqd,bhsd->bhnqs", qc, ks, preferred_element_type=_F32) * scale
     keep_local = keep_c[:, None, :, None, :]  # [B, 1, m, 1, b]
     if causal:
       keep_local = keep_local & jnp.tril(jnp.ones((b, b), bool))
@@ -151,50 +161,62 @@ def _fixed(q, k, v, keep, causal, b, c):
     keep_summary = keep_s[:, None, None, None, :] & seen[None, None, :, None, :]
     # One softmax over both key sets, never concatenated (see masked_exp_parts).
     exps, denom = masked_exp_parts([(local, keep_local), (summary, keep_summary)])
-    out = jnp.einsum("bhnqk,bnkhd->bnqhd", exps[0].astype(v.dtype), vc, preferred_element_type=_F32)
-    out = out + jnp.einsum(
-      "bhnqs,bshd->bnqhd", exps[1].astype(v.dtype), vs, preferred_element_type=_F32
+    out = weighted_sum(exps[:1], [vc]) + jnp.einsum(
+      "bhnqs,bhsd->bhnqd", exps[1].astype(v.dtype), vs, preferred_element_type=_F32
     )
-    return (out / jnp.moveaxis(denom, 1, -2)).astype(v.dtype)
+    return (out / denom).astype(v.dtype)  # [B, H, m, b, D]
 
-  out = jax.lax.map(functools.partial(chunk, ks, vs), (qb, kbp, vbp, keep_bp, block_ids))
-  out = out.swapaxes(0, 1).reshape(batch, chunks * m * b, *q.shape[2:])
-  return out[:, :length]
+  out = jax.lax.map(
+    functools.partial(chunk, ks, vs), (qc_all, kc_all, vc_all, keep_c_all, block_ids)
+  )
+  out = jnp.moveaxis(out, 0, 2)  # [B, H, chunks, m, b, D]
+  out = out.reshape(batch, out.shape[1], chunks * m, b, out.shape[-1])
+  return from_heads_major_blocks(out, length)
 
 
 def _strided(q, k, v, keep, causal, b):
-  """Blocked strided pattern; lengths are a multiple of b. Returns [B, L, H, D]."""
-  num_blocks = q.shape[1] // b
-  offsets = range(-1, 1 if causal else 2)
-  qb = to_blocks(q, b)  # [B, nb, b, H, D]: block a, residue r = position a * b + r
-  kn, vn = (neighbor_blocks(to_blocks(x, b), offsets) for x in (k, v))
-  keep_n = neighbor_blocks(to_blocks(keep, b), offsets)  # [B, nb, W]
-  # Residue classes: the same arrays with the (block, residue) axes swapped.
-  kr, vr = (to_blocks(x, b).swapaxes(1, 2) for x in (k, v))  # [B, b, nb, H, D]
-  keep_r = to_blocks(keep, b).swapaxes(1, 2)  # [B, b, nb]
+  """Blocked strided pattern; lengths are a multiple of b. Returns [B, L, H, D].
 
+  Heads-major ([B, H, blocks, b, D]), as `local_attention`: the window's neighbour blocks
+  each in their own einsum (`shifted_blocks`), the residue classes as the same blocks with
+  their (block, residue) axes swapped; all parts under one softmax.
+  """
+  length = q.shape[1]
+  num_blocks = length // b
+  offsets = range(-1, 1 if causal else 2)
+  qb, kb, vb = (heads_major_blocks(x, b, length) for x in (q, k, v))  # [B, H, nb, b, D]
+  keep_b = to_blocks(keep, b)  # [B, nb, b]: block a, residue r = position a * b + r
   scale = q.shape[-1] ** -0.5
-  local = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kn, preferred_element_type=_F32) * scale
-  strided = jnp.einsum("barhd,brchd->bharc", qb, kr, preferred_element_type=_F32) * scale
 
   q_pos = np.arange(b)[:, None]
-  k_pos = offsets[0] * b + np.arange(len(offsets) * b)[None, :]
-  window = np.abs(q_pos - k_pos) < b
-  if causal:
-    window = window & (k_pos <= q_pos)
-  keep_local = keep_n[:, None, :, None, :] & window  # [B, 1, nb, b, W]
+  parts = []
+  k_shifted, keep_shifted = (
+    shifted_blocks(kb, offsets, axis=2),
+    shifted_blocks(keep_b, offsets, axis=1),
+  )
+  for o, ko, keep_o in zip(offsets, k_shifted, keep_shifted, strict=True):
+    logits = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, ko, preferred_element_type=_F32) * scale
+    k_pos = o * b + np.arange(b)[None, :]
+    window = np.abs(q_pos - k_pos) < b
+    if causal:
+      window = window & (k_pos <= q_pos)
+    parts.append((logits, keep_o[:, None, :, None, :] & window))  # [B, 1, nb, b, b]
+  # Residue classes: the same blocks with the (block, residue) axes swapped.
+  kr, vr = kb.swapaxes(2, 3), vb.swapaxes(2, 3)  # [B, H, b, nb, D]
+  strided = jnp.einsum("bhard,bhrcd->bharc", qb, kr, preferred_element_type=_F32) * scale
   # Same residue, other block: j = i itself is a local key already.
   a = np.arange(num_blocks)[:, None]
   cb = np.arange(num_blocks)[None, :]
   seen = cb < a if causal else cb != a  # [nb(a), nb(c)]
-  keep_strided = keep_r[:, None, None, :, :] & seen[None, None, :, None, :]
-  # One softmax over both key sets, never concatenated (see masked_exp_parts).
-  exps, denom = masked_exp_parts([(local, keep_local), (strided, keep_strided)])
-  out = jnp.einsum("bhnqk,bnkhd->bnqhd", exps[0].astype(v.dtype), vn, preferred_element_type=_F32)
+  keep_r = keep_b.swapaxes(1, 2)  # [B, b, nb]
+  parts.append((strided, keep_r[:, None, None, :, :] & seen[None, None, :, None, :]))
+  # One softmax over every key set, never concatenated (see masked_exp_parts).
+  exps, denom = masked_exp_parts(parts)
+  out = weighted_sum(exps[:-1], shifted_blocks(vb, offsets, axis=2))
   out = out + jnp.einsum(
-    "bharc,brchd->barhd", exps[1].astype(v.dtype), vr, preferred_element_type=_F32
+    "bharc,bhrcd->bhard", exps[-1].astype(v.dtype), vr, preferred_element_type=_F32
   )
-  return (out / jnp.moveaxis(denom, 1, -2)).reshape(q.shape)
+  return from_heads_major_blocks(out / denom, length)
 
 
 @maps.register_weights("sparse")
