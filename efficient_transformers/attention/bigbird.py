@@ -71,6 +71,7 @@ from efficient_transformers.attention.base import MultiHeadAttention, defaults_o
 from efficient_transformers.attention.local import (
   masked_exp_parts,
   masked_softmax,
+  normalize,
   pattern_attention_weights,
   to_blocks,
 )
@@ -459,7 +460,7 @@ def _sparse_rows(qb, kb, vb, keep_b, lay, first, scale):
     out = out + jnp.einsum(
       "bhnqk,bkhd->bnqhd", exps[1].astype(vb.dtype), v_glob, preferred_element_type=_F32
     )
-  return (out / jnp.moveaxis(denom, 1, -2)).astype(vb.dtype)  # denom [B, H, m, b, 1]
+  return normalize(out, jnp.moveaxis(denom, 1, -2)).astype(vb.dtype)  # denom [B, H, m, b, 1]
 
 
 def _global_rows(qb, k, v, keep, lay, scale):

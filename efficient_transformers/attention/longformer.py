@@ -50,6 +50,7 @@ from efficient_transformers.attention.local import (
   heads_major_blocks,
   masked_exp_parts,
   masked_softmax,
+  normalize,
   pattern_attention_weights,
   shifted_blocks,
   to_blocks,
@@ -239,7 +240,7 @@ def longformer_attention(
     out = out + jnp.einsum(
       "bhnqg,bhgd->bhnqd", exps[-1].astype(v.dtype), vg, preferred_element_type=_F32
     )
-  out = from_heads_major_blocks((out / denom).astype(q.dtype), length)  # [B, L, H, D]
+  out = from_heads_major_blocks(normalize(out, denom).astype(q.dtype), length)  # [B, L, H, D]
 
   if g:
     q_g, k_g, v_g = (q[:, g_idx], k, v) if global_qkv is None else global_qkv

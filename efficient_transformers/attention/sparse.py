@@ -46,6 +46,7 @@ from efficient_transformers.attention.local import (
   from_heads_major_blocks,
   heads_major_blocks,
   masked_exp_parts,
+  normalize,
   pad_to,
   pattern_attention_weights,
   shifted_blocks,
@@ -164,7 +165,7 @@ def _fixed(q, k, v, keep, causal, b, c):
     out = weighted_sum(exps[:1], [vc]) + jnp.einsum(
       "bhnqs,bhsd->bhnqd", exps[1].astype(v.dtype), vs, preferred_element_type=_F32
     )
-    return (out / denom).astype(v.dtype)  # [B, H, m, b, D]
+    return normalize(out, denom).astype(v.dtype)  # [B, H, m, b, D]
 
   out = jax.lax.map(
     functools.partial(chunk, ks, vs), (qc_all, kc_all, vc_all, keep_c_all, block_ids)
@@ -216,7 +217,7 @@ def _strided(q, k, v, keep, causal, b):
   out = out + jnp.einsum(
     "bharc,bhrcd->bhard", exps[-1].astype(v.dtype), vr, preferred_element_type=_F32
   )
-  return from_heads_major_blocks(out / denom, length)
+  return from_heads_major_blocks(normalize(out, denom), length)
 
 
 @maps.register_weights("sparse")
