@@ -53,19 +53,25 @@ def _block_keep(keep, i, j, q_chunk, k_chunk, causal):
   )
 
 
-def _block_logits(qi: jax.Array, kj: jax.Array, i, j, alibi) -> jax.Array:
-  """Scaled logits [batch, heads, q_chunk, k_chunk] of block (i, j) in float32.
+def _block_logits(qi: jax.Array, kj: jax.Array, i, j, alibi, *, keys_first=False) -> jax.Array:
+  """Scaled logits [batch, heads, q_chunk, k_chunk] of block (i, j) in float32; with
+  `keys_first`, their transpose [batch, heads, k_chunk, q_chunk]. qi, kj heads-major.
 
   `alibi`: None, or (slopes as a tuple of floats, the key position of query 0)
   for ALiBi's bias -slope_h |query position - key position|.
   """
-  s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=_F32)
+  if keys_first:
+    s = jnp.einsum("bhkd,bhqd->bhkq", kj, qi, preferred_element_type=_F32)
+  else:
+    s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=_F32)
   s = s * (qi.shape[-1] ** -0.5)
   if alibi is not None:
     slopes, shift = alibi
-    q_pos = shift + i * qi.shape[1] + jnp.arange(qi.shape[1])[:, None]
-    k_pos = j * kj.shape[1] + jnp.arange(kj.shape[1])[None, :]
-    s = s + positions.alibi_bias(jnp.asarray(slopes, _F32), q_pos, k_pos)[None]
+    q_pos = shift + i * qi.shape[2] + jnp.arange(qi.shape[2])
+    k_pos = j * kj.shape[2] + jnp.arange(kj.shape[2])
+    rows, cols = (k_pos, q_pos) if keys_first else (q_pos, k_pos)
+    # The bias depends on |query - key| only: the same function either way round.
+    s = s + positions.alibi_bias(jnp.asarray(slopes, _F32), rows[:, None], cols[None, :])[None]
   return s
 
 
@@ -77,6 +83,17 @@ def _key_chunks_seen(i, num_k_chunks, q_chunk, k_chunk, causal):
   return jnp.minimum(num_k_chunks, last_query // k_chunk + 1)
 
 
+# The kernels below take q, k, v as [batch, length, heads, d] and work on each chunk
+# heads-major ([batch, heads, chunk, d], `_heads_chunk`): every block product is then a
+# plain batched matrix product whose output is already in its accumulator's layout, so
+# XLA transposes no [q_chunk, k_chunk] block, only [chunk, d] ones.
+
+
+def _heads_chunk(x: jax.Array, index: jax.Array, size: int) -> jax.Array:
+  """Chunk `index` of x [B, L, H, D] along L, heads-major: [B, H, size, D]."""
+  return _chunk(x, index, size, axis=1).transpose(0, 2, 1, 3)
+
+
 def _forward(q, k, v, keep, causal, q_chunk, k_chunk, alibi):
   """Returns out [B, Lq, H, D] (q's dtype) and logsumexp [B, H, Lq] (float32)."""
   batch, q_len, heads, dim = q.shape
@@ -84,11 +101,11 @@ def _forward(q, k, v, keep, causal, q_chunk, k_chunk, alibi):
 
   def query_block(i, carry):
     out, lse = carry
-    qi = _chunk(q, i, q_chunk, axis=1)
+    qi = _heads_chunk(q, i, q_chunk)
 
     def key_block(j, state):
       m, total, acc = state
-      s = _block_logits(qi, _chunk(k, j, k_chunk, axis=1), i, j, alibi)
+      s = _block_logits(qi, _heads_chunk(k, j, k_chunk), i, j, alibi)
       s = jnp.where(_block_keep(keep, i, j, q_chunk, k_chunk, causal), s, -jnp.inf)
       m_new = jnp.maximum(m, s.max(axis=-1))
       # While a row has seen no key its max is -inf; shifting by 0 instead
@@ -98,9 +115,9 @@ def _forward(q, k, v, keep, causal, q_chunk, k_chunk, alibi):
       rescale = jnp.exp(m - m_safe)
       total = total * rescale + p.sum(axis=-1)
       pv = jnp.einsum(
-        "bhqk,bkhd->bhqd",
+        "bhqk,bhkd->bhqd",
         p.astype(v.dtype),
-        _chunk(v, j, k_chunk, axis=1),
+        _heads_chunk(v, j, k_chunk),
         preferred_element_type=_F32,
       )
       return m_new, total, acc * rescale[..., None] + pv
@@ -128,49 +145,60 @@ def _forward(q, k, v, keep, causal, q_chunk, k_chunk, alibi):
 
 
 def _backward(q, k, v, keep, out, lse, dout, causal, q_chunk, k_chunk, alibi):
-  """FlashAttention-2 backward: outer loop over key chunks, inner over query chunks."""
-  num_q, num_k = q.shape[1] // q_chunk, k.shape[1] // k_chunk
+  """FlashAttention-2 backward: outer loop over key chunks, inner over query chunks.
+
+  Each block is computed keys-first ([k_chunk, q_chunk]): dv = p^T dout and dk = ds^T q
+  read it as it is, and dq accumulates transposed ([B, H, D, Lq]: dq^T = k^T ds^T, in
+  float32 as before), so no block is transposed. Queries-first, XLA transposed the ds
+  block for dk in every iteration (measured: 40% of the backward on CPU).
+  """
+  batch, q_len, heads, dim = q.shape
+  num_q, num_k = q_len // q_chunk, k.shape[1] // k_chunk
   # delta_i = sum_d dout_id * out_id = sum_j p_ij dp_ij: the softmax Jacobian term.
   delta = jnp.einsum("bqhd,bqhd->bhq", dout.astype(_F32), out.astype(_F32))
-  chunk_shape = (q.shape[0], k_chunk) + q.shape[2:]
+  chunk_shape = (batch, heads, k_chunk, dim)
+  scale = q.shape[-1] ** -0.5
 
   def key_block(j, carry):
-    dq, dk, dv = carry
-    kj = _chunk(k, j, k_chunk, axis=1)
-    vj = _chunk(v, j, k_chunk, axis=1)
+    dq_t, dk, dv = carry
+    kj = _heads_chunk(k, j, k_chunk)
+    vj = _heads_chunk(v, j, k_chunk)
 
     def query_block(i, state):
-      dq, dkj, dvj = state
-      qi = _chunk(q, i, q_chunk, axis=1)
-      doi = _chunk(dout, i, q_chunk, axis=1)
-      s = _block_logits(qi, kj, i, j, alibi) - _chunk(lse, i, q_chunk, axis=2)[..., None]
-      keep_ij = _block_keep(keep, i, j, q_chunk, k_chunk, causal)
-      p = jnp.exp(jnp.where(keep_ij, s, -jnp.inf))  # the forward's probabilities
+      dq_t, dkj, dvj = state
+      qi = _heads_chunk(q, i, q_chunk)
+      doi = _heads_chunk(dout, i, q_chunk)
+      s = _block_logits(qi, kj, i, j, alibi, keys_first=True)
+      s = s - _chunk(lse, i, q_chunk, axis=2)[..., None, :]
+      keep_ij = _block_keep(keep, i, j, q_chunk, k_chunk, causal).swapaxes(-1, -2)
+      p = jnp.exp(jnp.where(keep_ij, s, -jnp.inf))  # the forward's probabilities, transposed
       dvj = dvj + jnp.einsum(
-        "bhqk,bqhd->bkhd", p.astype(doi.dtype), doi, preferred_element_type=_F32
+        "bhkq,bhqd->bhkd", p.astype(doi.dtype), doi, preferred_element_type=_F32
       )
-      dp = jnp.einsum("bqhd,bkhd->bhqk", doi, vj, preferred_element_type=_F32)
-      ds = p * (dp - _chunk(delta, i, q_chunk, axis=2)[..., None]) * (q.shape[-1] ** -0.5)
+      dp = jnp.einsum("bhkd,bhqd->bhkq", vj, doi, preferred_element_type=_F32)
+      ds = p * (dp - _chunk(delta, i, q_chunk, axis=2)[..., None, :]) * scale
       dkj = dkj + jnp.einsum(
-        "bhqk,bqhd->bkhd", ds.astype(qi.dtype), qi, preferred_element_type=_F32
+        "bhkq,bhqd->bhkd", ds.astype(qi.dtype), qi, preferred_element_type=_F32
       )
-      dqi = jnp.einsum("bhqk,bkhd->bqhd", ds.astype(kj.dtype), kj, preferred_element_type=_F32)
-      dq = lax.dynamic_update_slice_in_dim(
-        dq, _chunk(dq, i, q_chunk, axis=1) + dqi, i * q_chunk, axis=1
+      dqi_t = jnp.einsum("bhkd,bhkq->bhdq", kj, ds.astype(kj.dtype), preferred_element_type=_F32)
+      dq_t = lax.dynamic_update_slice_in_dim(
+        dq_t, _chunk(dq_t, i, q_chunk, axis=3) + dqi_t, i * q_chunk, axis=3
       )
-      return dq, dkj, dvj
+      return dq_t, dkj, dvj
 
     # Causal: query chunks wholly before this key chunk cannot see it.
     start = jnp.maximum(0, (j * k_chunk - causal) // q_chunk) if causal is not None else 0
-    init = (dq, jnp.zeros(chunk_shape, _F32), jnp.zeros(chunk_shape, _F32))
-    dq, dkj, dvj = lax.fori_loop(start, num_q, query_block, init)
-    dk = lax.dynamic_update_slice_in_dim(dk, dkj.astype(dk.dtype), j * k_chunk, axis=1)
-    dv = lax.dynamic_update_slice_in_dim(dv, dvj.astype(dv.dtype), j * k_chunk, axis=1)
-    return dq, dk, dv
+    init = (dq_t, jnp.zeros(chunk_shape, _F32), jnp.zeros(chunk_shape, _F32))
+    dq_t, dkj, dvj = lax.fori_loop(start, num_q, query_block, init)
+    dkj, dvj = (x.transpose(0, 2, 1, 3).astype(k.dtype) for x in (dkj, dvj))  # [B, kc, H, D]
+    dk = lax.dynamic_update_slice_in_dim(dk, dkj, j * k_chunk, axis=1)
+    dv = lax.dynamic_update_slice_in_dim(dv, dvj, j * k_chunk, axis=1)
+    return dq_t, dk, dv
 
-  init = (jnp.zeros(q.shape, _F32), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
-  dq, dk, dv = lax.fori_loop(0, num_k, key_block, init)
-  return dq.astype(q.dtype), dk, dv
+  dq_t = jnp.zeros((batch, heads, dim, q_len), _F32)
+  init = (dq_t, jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype))
+  dq_t, dk, dv = lax.fori_loop(0, num_k, key_block, init)
+  return dq_t.transpose(0, 3, 1, 2).astype(q.dtype), dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
