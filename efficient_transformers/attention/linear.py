@@ -29,7 +29,6 @@ from jax import lax
 
 from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
-from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_positive_int
 from efficient_transformers.errors import ConfigError
@@ -37,41 +36,33 @@ from efficient_transformers.errors import ConfigError
 _F32 = jnp.float32
 
 
-def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
-  """[batch, n * chunk, ...] -> [n, batch, chunk, ...], the scan's leading axis."""
-  x = x.reshape((x.shape[0], x.shape[1] // chunk, chunk) + x.shape[2:])
-  return jnp.moveaxis(x, 1, 0)
-
-
-def _from_chunks(x: jax.Array) -> jax.Array:
-  """[n, batch, chunk, ...] -> [batch, n * chunk, ...]."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
-
-
 def _causal_sums(phi_q, phi_k, v, chunk_size):
-  """Numerators [B, Lq, H, Dv] and denominators [B, Lq, H] over keys j <= i."""
-  q_len = phi_q.shape[1]
-  length = max(q_len, phi_k.shape[1])
+  """Numerators [B, H, Lq, Dv] and denominators [B, H, Lq] over keys j <= i; inputs and
+  outputs heads-major ([B, H, L, ...]), so each chunk's products need no transpose."""
+  q_len = phi_q.shape[2]
+  length = max(q_len, phi_k.shape[2])
   chunk = min(chunk_size, length)
   total = -(-length // chunk) * chunk
+  num_chunks = total // chunk
+
+  def to_chunks(x):  # [B, H, L, ...] -> [n, B, H, chunk, ...], the scan's leading axis.
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, total - x.shape[2])] + [(0, 0)] * (x.ndim - 3))
+    return jnp.moveaxis(x.reshape(*x.shape[:2], num_chunks, chunk, *x.shape[3:]), 2, 0)
+
   # Zero padding: padded keys have zero features (they add nothing), padded
   # query rows are cut off below.
-  qs, ks, vs = (_to_chunks(pad_to(x, total), chunk) for x in (phi_q, phi_k, v))
+  qs, ks, vs = (to_chunks(x) for x in (phi_q, phi_k, v))
   below = jnp.tril(jnp.ones((chunk, chunk), bool))
-  batch, _, heads, features = phi_q.shape
+  batch, heads, _, features = phi_q.shape
 
   def step(carry, xs):
     state, normalizer = carry  # [B, H, m, Dv], [B, H, m]: sums over earlier chunks
     qc, kc, vc = xs
-    scores = jnp.einsum("bqhm,bkhm->bhqk", qc, kc)
-    scores = jnp.where(below, scores, 0.0)
-    num = jnp.einsum("bhqk,bkhd->bqhd", scores, vc)
-    num = num + jnp.einsum("bqhm,bhmd->bqhd", qc, state)
-    den = scores.sum(axis=-1).transpose(0, 2, 1)
-    den = den + jnp.einsum("bqhm,bhm->bqh", qc, normalizer)
-    state = state + jnp.einsum("bkhm,bkhd->bhmd", kc, vc)
-    normalizer = normalizer + kc.sum(axis=1)
+    scores = jnp.where(below, jnp.einsum("bhqm,bhkm->bhqk", qc, kc), 0.0)
+    num = jnp.einsum("bhqk,bhkd->bhqd", scores, vc) + jnp.einsum("bhqm,bhmd->bhqd", qc, state)
+    den = scores.sum(axis=-1) + jnp.einsum("bhqm,bhm->bhq", qc, normalizer)
+    state = state + jnp.einsum("bhkm,bhkd->bhmd", kc, vc)
+    normalizer = normalizer + kc.sum(axis=2)
     return (state, normalizer), (num, den)
 
   init = (
@@ -79,7 +70,9 @@ def _causal_sums(phi_q, phi_k, v, chunk_size):
     jnp.zeros((batch, heads, features), _F32),
   )
   _, (num, den) = lax.scan(step, init, (qs, ks, vs))
-  return _from_chunks(num)[:, :q_len], _from_chunks(den)[:, :q_len]
+  num = jnp.moveaxis(num, 0, 2).reshape(batch, heads, total, -1)[:, :, :q_len]
+  den = jnp.moveaxis(den, 0, 2).reshape(batch, heads, total)[:, :, :q_len]
+  return num, den
 
 
 def linear_attention_from_features(
@@ -115,15 +108,18 @@ def linear_attention_from_features(
   phi_q, phi_k, v = (x.astype(_F32) for x in (phi_q, phi_k, v))
   if mask is not None:
     phi_k = jnp.where(mask[:, :, None, None], phi_k, 0.0)
+  # Heads-major ([B, H, L, ...]) once: every product below is then a plain batched
+  # matrix product, with no transpose around each einsum, forward or backward.
+  phi_q, phi_k, v = (x.transpose(0, 2, 1, 3) for x in (phi_q, phi_k, v))
   if causal:
     num, den = _causal_sums(phi_q, phi_k, v, chunk_size)
   else:
-    num = jnp.einsum("bqhm,bhmd->bqhd", phi_q, jnp.einsum("bkhm,bkhd->bhmd", phi_k, v))
-    den = jnp.einsum("bqhm,bhm->bqh", phi_q, phi_k.sum(axis=1))
+    num = jnp.einsum("bhqm,bhmd->bhqd", phi_q, jnp.einsum("bhkm,bhkd->bhmd", phi_k, v))
+    den = jnp.einsum("bhqm,bhm->bhq", phi_q, phi_k.sum(axis=2))
   seen = den > 0
   # The inner where keeps the gradient finite on rows that see no key.
   out = jnp.where(seen[..., None], num / jnp.where(seen, den, 1.0)[..., None], 0.0)
-  return masking.zero_padded_queries(out, mask)
+  return masking.zero_padded_queries(out.transpose(0, 2, 1, 3), mask)
 
 
 def kernelized_attention_weights(
