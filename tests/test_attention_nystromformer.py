@@ -197,3 +197,30 @@ def test_make_registers_nystromformer():
   assert type(module) is nystromformer_lib.NystromformerAttention
   assert (module.num_landmarks, module.pinv_iterations, module.conv_kernel_size) == (64, 6, 0)
   assert module.conv_kernel is None
+
+
+def test_values_and_grads_equal_the_three_factors_product():
+  """The kernel (unnormalized F and B, `local.normalize`'s backward) against F A+ B V built
+  from `nystrom_factors` with plain matrix products, outputs and gradients, padding included."""
+  q, k, v = random_qkv(7)
+  mask = random_mask(8)
+
+  def factors_product(q, k, v):
+    real = mask.astype(bool)
+    f, a, b = nystromformer_lib.nystrom_factors(q, k, real, 4)
+    vf = jnp.where(real[:, :, None, None], v, 0.0)
+    bv = jnp.einsum("bhml,blhd->bhmd", b, vf)
+    out = jnp.einsum("bhlm,bhmd->blhd", f, nystromformer_lib.iterative_pinv(a, 6) @ bv)
+    return jnp.where(real[:, :, None, None], out, 0.0)
+
+  kernel = functools.partial(
+    attention.nystromformer_attention, mask=mask, num_landmarks=4, pinv_iterations=6
+  )
+  weights = jnp.asarray(np.random.default_rng(9).normal(size=q.shape), jnp.float32)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+  out, ref = kernel(q, k, v), factors_product(q, k, v)
+  chex.assert_trees_all_close(out, ref, atol=1e-5, rtol=1e-5)
+  grads = jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(loss(factors_product), argnums=(0, 1, 2))(q, k, v)
+  chex.assert_trees_all_close(grads, ref_grads, atol=1e-4, rtol=1e-4)
+  assert float(jnp.abs(grads[1]).sum()) > 0

@@ -334,7 +334,8 @@ def test_spt_rows_beside_the_from_scratch_rows(spt_grid):
   assert rc == 0, err
   scratch, spt = _cell(root, "listops", "softmax"), _cell(root, "listops", "softmax+spt")
   # The from-scratch cell never pretrains: the spt.* override is the SPT row's alone.
-  assert not (root / "listops" / "softmax" / "pretrain").exists() and "pretrain_steps" not in scratch
+  assert not (root / "listops" / "softmax" / "pretrain").exists()
+  assert "pretrain_steps" not in scratch
   workdir = root / "listops" / "softmax+spt"
   assert {"pretrain", "finetune"} <= set(os.listdir(workdir))
   assert spt["status"] == "finished" and spt["base_attention"] == "softmax"

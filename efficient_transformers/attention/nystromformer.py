@@ -39,6 +39,7 @@ from jax import lax
 
 from efficient_transformers.attention import maps, masking
 from efficient_transformers.attention.base import MultiHeadAttention, defaults_of
+from efficient_transformers.attention.local import masked_exp_parts, normalize
 from efficient_transformers.attention.registry import register
 from efficient_transformers.attention.validation import check_not_causal, check_positive_int
 from efficient_transformers.layers.partitioning import param_axes
@@ -183,10 +184,27 @@ def nystromformer_attention(
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"nystromformer: self-attention only; got q {q.shape}, k {k.shape}.")
   real = _real(k, mask)
-  f, a, b = nystrom_factors(q, k, real, num_landmarks)
   vf = jnp.where(real[:, :, None, None], v.astype(_F32), 0.0)
-  bv = jnp.einsum("bhml,blhd->bhmd", b, vf)
-  out = jnp.einsum("bhlm,bhmd->blhd", f, iterative_pinv(a, pinv_iterations) @ bv)
+  # The factors as in `nystrom_factors`, computed heads-major, with F and B never
+  # normalized: F (A+ (B V)) is taken as normalize(exp(F) @ W) and B V as
+  # normalize(exp(B) @ V) (`local.masked_exp_parts`, `local.normalize`), so the two
+  # [L, m] softmaxes keep one buffer each under autodiff and their backward needs no
+  # reduction over the [L, m] weights.
+  seg_weights, present = _segments(real, num_landmarks)
+  scale = q.shape[-1] ** -0.5
+  qh, kh, vh = (x.transpose(0, 2, 1, 3) for x in (q.astype(_F32) * scale, k.astype(_F32), vf))
+  q_land = jnp.einsum("blm,bhld->bhmd", seg_weights, qh)  # [batch, heads, m, d]
+  k_land = jnp.einsum("blm,bhld->bhmd", seg_weights, kh)
+  land_keep = present[:, None, None, :]  # [batch, 1, 1, m]
+  rows = present[:, None, :, None]  # Empty landmarks: zero rows of A and B.
+  a = _masked_softmax(jnp.einsum("bhnd,bhmd->bhnm", q_land, k_land), land_keep)
+  a = jnp.where(rows, a, 0.0)
+  b_logits = jnp.einsum("bhmd,bhld->bhml", q_land, kh)
+  (b_exp,), b_denom = masked_exp_parts([(b_logits, real[:, None, None, :])])
+  bv = jnp.where(rows, normalize(jnp.einsum("bhml,bhld->bhmd", b_exp, vh), b_denom), 0.0)
+  w = iterative_pinv(a, pinv_iterations) @ bv  # [batch, heads, m, d]
+  (f_exp,), f_denom = masked_exp_parts([(jnp.einsum("bhld,bhmd->bhlm", qh, k_land), land_keep)])
+  out = normalize(jnp.einsum("bhlm,bhmd->bhld", f_exp, w), f_denom).transpose(0, 2, 1, 3)
   if conv_kernel is not None:
     out = out + depthwise_conv(vf, conv_kernel.astype(_F32))
   return masking.zero_padded_queries(out, mask).astype(q.dtype)
