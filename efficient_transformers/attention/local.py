@@ -77,6 +77,45 @@ def shifted_blocks(x: jax.Array, offsets: range, *, axis: int) -> list[jax.Array
   return [shifted(o) for o in offsets]
 
 
+def window_parts(
+  qb: jax.Array,
+  kb: jax.Array,
+  keep_b: jax.Array,
+  offsets: range,
+  pattern=None,
+  bias=None,
+) -> list[tuple[jax.Array, jax.Array]]:
+  """The (logits, keep) parts of a blocked window, one per neighbour offset, for
+  `masked_exp_parts`: the query blocks against each offset's key blocks (`shifted_blocks`).
+
+  Args:
+    qb, kb: heads-major blocks [B, H, nb, b, D] (`heads_major_blocks`).
+    keep_b: the keys' keep mask in blocks [B, nb, b].
+    offsets: the window's block offsets.
+    pattern: None, or o -> bool [b, b] (numpy or jax) of the pairs offset o allows, query
+      and key positions relative to the query block's start (key j at o * b + j).
+    bias: None, or o -> an additive logit term broadcastable to [B, H, nb, b, b].
+
+  Returns:
+    [(logits [B, H, nb, b, b] float32, scaled by 1 / sqrt(d); keep, broadcastable)].
+  """
+  scale = qb.shape[-1] ** -0.5
+  parts = []
+  k_shifted, keep_shifted = (
+    shifted_blocks(kb, offsets, axis=2),
+    shifted_blocks(keep_b, offsets, axis=1),
+  )
+  for o, ko, keep_o in zip(offsets, k_shifted, keep_shifted, strict=True):
+    logits = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, ko, preferred_element_type=_F32) * scale
+    if bias is not None:
+      logits = logits + bias(o)
+    keep = keep_o[:, None, :, None, :]  # [B, 1, nb, 1, b]
+    if pattern is not None:
+      keep = keep & pattern(o)
+    parts.append((logits, keep))
+  return parts
+
+
 def weighted_sum(exps: Sequence[jax.Array], values: Sequence[jax.Array]) -> jax.Array:
   """sum_i exps[i] @ values[i] over the key axis, float32: [..., q, k_i] x [..., k_i, d]."""
   return functools.reduce(
@@ -271,23 +310,19 @@ def local_attention(
   qb = heads_major_blocks(q, b, padded)  # [B, H, nb, b, D]
   kb, vb = (heads_major_blocks(x, b, padded) for x in (k, v))
   keep_b = to_blocks(pad_to(keep, padded), b)  # [B, nb, b]
-  scale = q.shape[-1] ** -0.5
   # Positions relative to the query block's start; the same for every block.
-  q_pos = jnp.arange(b)[:, None]
-  parts = []
-  k_shifted, keep_shifted = (
-    shifted_blocks(kb, offsets, axis=2),
-    shifted_blocks(keep_b, offsets, axis=1),
+  q_pos = np.arange(b)[:, None]
+  k_pos = lambda o: o * b + np.arange(b)[None, :]
+  parts = window_parts(
+    qb,
+    kb,
+    keep_b,
+    offsets,
+    pattern=(lambda o: k_pos(o) <= q_pos) if causal else None,
+    bias=None
+    if alibi_slopes is None
+    else lambda o: positions.alibi_bias(alibi_slopes, q_pos, k_pos(o))[None, :, None],
   )
-  for o, ko, keep_o in zip(offsets, k_shifted, keep_shifted, strict=True):
-    logits = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, ko, preferred_element_type=_F32) * scale
-    keep_logits = keep_o[:, None, :, None, :]  # [B, 1, nb, 1, b]
-    k_pos = o * b + jnp.arange(b)[None, :]
-    if causal and o == 0:
-      keep_logits = keep_logits & (k_pos <= q_pos)
-    if alibi_slopes is not None:
-      logits = logits + positions.alibi_bias(alibi_slopes, q_pos, k_pos)[None, :, None]
-    parts.append((logits, keep_logits))
   # One softmax over the window's blocks, never concatenated (see masked_exp_parts).
   exps, denom = masked_exp_parts(parts)
   out = normalize(weighted_sum(exps, shifted_blocks(vb, offsets, axis=2)), denom)  # [B,H,nb,b,D]

@@ -55,6 +55,7 @@ from efficient_transformers.attention.local import (
   shifted_blocks,
   to_blocks,
   weighted_sum,
+  window_parts,
 )
 from efficient_transformers.attention.masking import pad_to
 from efficient_transformers.attention.registry import register
@@ -213,16 +214,12 @@ def longformer_attention(
   keep_b = to_blocks(keep_window, w)  # [B, nb, w]
   scale = q.shape[-1] ** -0.5
   r = np.arange(w)[:, None]  # query position relative to its block's start
-  parts = []
-  k_shifted, keep_shifted = (
-    shifted_blocks(kb, offsets, axis=2),
-    shifted_blocks(keep_b, offsets, axis=1),
-  )
-  for o, ko, keep_o in zip(offsets, k_shifted, keep_shifted, strict=True):
-    logits = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, ko, preferred_element_type=_F32) * scale
-    c = o * w + np.arange(w)[None, :]  # key position, same origin
-    band = (np.abs(r - c) <= w) & ((c <= r) if causal else True)  # [w, w], every block
-    parts.append((logits, keep_o[:, None, :, None, :] & band))
+
+  def band(o):  # [w, w], the same for every block; c: key position, same origin
+    c = o * w + np.arange(w)[None, :]
+    return (np.abs(r - c) <= w) & ((c <= r) if causal else True)
+
+  parts = window_parts(qb, kb, keep_b, offsets, pattern=band)
 
   if g:
     # Global columns: every query against the g global keys (ordinary k, v), in

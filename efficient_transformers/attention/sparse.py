@@ -52,6 +52,7 @@ from efficient_transformers.attention.local import (
   shifted_blocks,
   to_blocks,
   weighted_sum,
+  window_parts,
 )
 from efficient_transformers.attention.registry import register
 from efficient_transformers.errors import ConfigError
@@ -190,18 +191,12 @@ def _strided(q, k, v, keep, causal, b):
   scale = q.shape[-1] ** -0.5
 
   q_pos = np.arange(b)[:, None]
-  parts = []
-  k_shifted, keep_shifted = (
-    shifted_blocks(kb, offsets, axis=2),
-    shifted_blocks(keep_b, offsets, axis=1),
-  )
-  for o, ko, keep_o in zip(offsets, k_shifted, keep_shifted, strict=True):
-    logits = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, ko, preferred_element_type=_F32) * scale
+
+  def window(o):  # [b, b]: within b positions (causal: and not after), every block
     k_pos = o * b + np.arange(b)[None, :]
-    window = np.abs(q_pos - k_pos) < b
-    if causal:
-      window = window & (k_pos <= q_pos)
-    parts.append((logits, keep_o[:, None, :, None, :] & window))  # [B, 1, nb, b, b]
+    return (np.abs(q_pos - k_pos) < b) & ((k_pos <= q_pos) if causal else True)
+
+  parts = window_parts(qb, kb, keep_b, offsets, pattern=window)
   # Residue classes: the same blocks with the (block, residue) axes swapped.
   kr, vr = kb.swapaxes(2, 3), vb.swapaxes(2, 3)  # [B, H, b, nb, D]
   strided = jnp.einsum("bhard,bhrcd->bharc", qb, kr, preferred_element_type=_F32) * scale
