@@ -1,8 +1,10 @@
 """Shared test helpers: a tiny ListOps config and a subprocess runner for the CLIs."""
 
+import json
 import os
 import subprocess
 import sys
+import time
 
 from configs.lm import byte_lm as byte_lm_config
 from configs.lra import listops as listops_config
@@ -120,6 +122,31 @@ def run_cli(
     timeout=timeout,
     **kw,
   )
+
+
+def start_train(flags, workdir, **kw) -> subprocess.Popen:
+  """`python train.py flags --workdir=workdir` started from the repo root (1 CPU device,
+  full LLVM optimization: these runs train hundreds of steps); stderr piped."""
+  return subprocess.Popen(
+    [sys.executable, os.path.join(REPO, "train.py"), *flags, f"--workdir={workdir}"],
+    cwd=REPO,
+    env=cli_env(1, fast_compile=False),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+    **kw,
+  )
+
+
+def wait_for_step(metrics, step, proc, timeout=240) -> None:
+  """Until `metrics` (a metrics.jsonl path) logs `step` or later; fails if `proc` ends first."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.open()):
+      return
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  raise AssertionError(f"no step {step} in {metrics} after {timeout} s")
 
 
 def tiny_lm_config(data_dir, *, memory: str = "transformer_xl", steps: int = 60):

@@ -19,7 +19,15 @@ import pytest
 from efficient_transformers.data import tasks
 from efficient_transformers.training import checkpointing, state
 from efficient_transformers.training.evaluation import model_fingerprint
-from tests.helpers import REPO, TINY_FLAGS, cli_env, run_cli, tiny_config
+from tests.helpers import (
+  REPO,
+  TINY_FLAGS,
+  cli_env,
+  run_cli,
+  start_train,
+  tiny_config,
+  wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -137,29 +145,6 @@ def reference(tmp_path_factory):
   return flags, root / "ref", root / "data"
 
 
-def _start(flags, workdir, **kw):
-  return subprocess.Popen(
-    [sys.executable, os.path.join(REPO, "train.py"), *flags, f"--workdir={workdir}"],
-    cwd=REPO,
-    env=cli_env(1, fast_compile=False),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-    **kw,
-  )
-
-
-def _wait_for_step(workdir, step, proc, timeout=240):
-  metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.open()):
-      return
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
-    time.sleep(0.05)
-  raise AssertionError(f"no step {step} in {metrics} after {timeout} s")
-
-
 def test_sigterm_then_rerun_matches_uninterrupted(tmp_path, reference):
   flags, ref_dir, data = reference
   steps = STEPS
@@ -217,8 +202,8 @@ def test_kill_9_then_rerun_logs_each_step_once(tmp_path, reference):
   flags, ref_dir, data = reference
   cut_dir = tmp_path / "cut"
   every = ["--config.checkpoint_every_steps=40"]  # Changes no batch and no parameter.
-  proc = _start([*flags, *every], cut_dir)
-  _wait_for_step(cut_dir, 54, proc)  # Logged past the checkpoint at step 40.
+  proc = start_train([*flags, *every], cut_dir)
+  wait_for_step(cut_dir / "metrics.jsonl", 54, proc)  # Logged past the checkpoint at step 40.
   proc.kill()
   proc.communicate(timeout=60)
   logged = [r["step"] for r in map(json.loads, (cut_dir / "metrics.jsonl").open())]
@@ -242,7 +227,7 @@ def test_kill_9_then_rerun_logs_each_step_once(tmp_path, reference):
 def test_second_trainer_is_refused_and_the_first_unharmed(tmp_path, reference):
   flags, ref_dir, data = reference
   workdir = tmp_path / "run"
-  first = _start(flags, workdir)
+  first = start_train(flags, workdir)
   lock, deadline = workdir / "train.lock", time.time() + 120
   while not (lock.exists() and f'"pid": {first.pid}' in lock.read_text()):
     assert time.time() < deadline and first.poll() is None, "the first run never took the lock"
@@ -299,7 +284,7 @@ def test_a_killed_process_ends_the_other_in_one_line_and_a_rerun_resumes(tmp_pat
   logs = [open(tmp_path / f"process_{i}.err", "w+") for i in range(2)]  # noqa: SIM115
   procs = start(_free_port(), logs)
   try:
-    _wait_for_step(workdir, 30, procs[0])
+    wait_for_step(workdir / "metrics.jsonl", 30, procs[0])
     procs[1].kill()  # Its supervisor: the trainer under it must go too.
     procs[0].wait(timeout=200)
   finally:

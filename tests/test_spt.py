@@ -5,9 +5,6 @@ and the bad combinations."""
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -18,7 +15,7 @@ from configs.lra import listops as listops_config
 from efficient_transformers.errors import ConfigError
 from efficient_transformers.training import checkpointing, eval_lib, spt, state, train_lib
 from efficient_transformers.training.train_lib import train_and_evaluate
-from tests.helpers import REPO, TINY_FLAGS, cli_env, run_cli, tiny_config
+from tests.helpers import REPO, TINY_FLAGS, run_cli, start_train, tiny_config, wait_for_step
 
 
 def _config(data_dir, steps=4):
@@ -121,19 +118,9 @@ def test_killed_in_stage_two_it_resumes_in_stage_two_and_leaves_stage_one_alone(
     "--config.optimizer.warmup_steps=2",
   ]
   workdir = os.path.relpath(tmp_path / "run", REPO)  # As a user types it.
-  proc = subprocess.Popen(
-    [sys.executable, os.path.join(REPO, "train.py"), *flags, f"--workdir={workdir}"],
-    cwd=REPO,
-    env=cli_env(1, fast_compile=False),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
-  )
+  proc = start_train(flags, workdir)
   metrics = tmp_path / "run" / "finetune" / "metrics.jsonl"
-  deadline = time.time() + 240
-  while not (metrics.exists() and any(r["step"] >= 30 for r in _records(metrics))):
-    assert time.time() < deadline and proc.poll() is None, proc.communicate()[1][-3000:]
-    time.sleep(0.05)
+  wait_for_step(metrics, 30, proc)
   proc.kill()
   _, killed_log = proc.communicate(timeout=60)
   assert "Stage 1 of 2: self-pretraining (masked_tokens) for 4 steps" in killed_log

@@ -204,6 +204,23 @@ class _Pretraining:
         f"config.model.kind='token_predictor', not {model_cfg.kind!r}."
       )
 
+  @classmethod
+  def from_config(
+    cls,
+    model_cls: type,
+    model_cfg: ml_collections.ConfigDict,
+    vocab_size: int,
+    input_names: Sequence[str] = ("inputs",),
+  ):
+    del model_cls
+    return cls(**cls.config_kwargs(model_cfg, vocab_size), input_names=input_names)
+
+  @classmethod
+  def config_kwargs(cls, model_cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
+    """The objective's own constructor arguments from config.model (none here)."""
+    del model_cfg, vocab_size
+    return {}
+
   def init_carry(self, model, batch_size: int, *, training: bool):
     del model, batch_size, training
     return None
@@ -256,15 +273,8 @@ class MaskedTokens(_Pretraining):
     self.input_names = tuple(input_names)
 
   @classmethod
-  def from_config(
-    cls,
-    model_cls: type,
-    model_cfg: ml_collections.ConfigDict,
-    vocab_size: int,
-    input_names: Sequence[str] = ("inputs",),
-  ):
-    del model_cls
-    return cls(float(model_cfg.get("mask_rate", 0.15)), vocab_size, input_names)
+  def config_kwargs(cls, model_cfg: ml_collections.ConfigDict, vocab_size: int) -> dict:
+    return {"mask_rate": float(model_cfg.get("mask_rate", 0.15)), "mask_id": vocab_size}
 
   def choose(self, ids: jax.Array, key: jax.Array) -> jax.Array:
     """bool [batch, length]: the real tokens to mask."""
@@ -287,17 +297,6 @@ class NextTokens(_Pretraining):
 
   def __init__(self, input_names: Sequence[str] = ("inputs",)):
     self.input_names = tuple(input_names)
-
-  @classmethod
-  def from_config(
-    cls,
-    model_cls: type,
-    model_cfg: ml_collections.ConfigDict,
-    vocab_size: int,
-    input_names: Sequence[str] = ("inputs",),
-  ):
-    del model_cls, model_cfg, vocab_size
-    return cls(input_names)
 
   def apply(self, model, batch: dict, carry, *, deterministic: bool):
     ids, rows = _documents(batch, self.input_names)
