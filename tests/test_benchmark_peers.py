@@ -5,7 +5,6 @@ our real adapters at a tiny length. No torch needed: torch peers here are reason
 import csv
 import importlib.util
 import json
-import os
 import sys
 
 import numpy as np
@@ -94,6 +93,8 @@ def test_medians_and_ratio_come_from_the_clock_and_every_side_gets_the_same_inpu
   tmp_path, monkeypatch
 ):
   monkeypatch.setattr(peers, "setup_torch", lambda: "9.9")
+  # One torch thread per CPU this process may use (its affinity), as JAX's pool.
+  monkeypatch.setattr(peers.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
   clock, log = FakeClock(), []
   status = peers.benchmark(
     ["--lengths=128,256", "--repeats=5", "--seed=7", f"--out={tmp_path}"],
@@ -121,7 +122,7 @@ def test_medians_and_ratio_come_from_the_clock_and_every_side_gets_the_same_inpu
   assert _calls(log) == per_length * 2
   # The files: the table, the CSV and the JSON say the same.
   assert "| fake | fake peer | 128 | 3000.00 | 6000.00 | 0.50 | 1.5 | 2.5 | fake |" in markdown
-  assert "Device:" in markdown and f"torch 9.9 with {os.cpu_count()} threads" in markdown
+  assert "Device:" in markdown and "torch 9.9 with 3 threads" in markdown
   assert "fake: ours ours fake settings." in markdown
   assert [(r["length"], float(r["ratio"]), r["check"]) for r in csv_rows] == [
     ("128", 0.5, "ok"),
@@ -256,9 +257,10 @@ def test_our_adapters_build_at_a_tiny_length_and_match_jax_exactly(tmp_path):
 
 def test_the_header_names_the_cpu_even_where_jax_defaults_to_an_accelerator(monkeypatch):
   monkeypatch.setattr(peers.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(peers.os, "sched_getaffinity", lambda pid: {4}, raising=False)
   line = peers.device_line()
   assert line.startswith("Device: CPU ") and line.endswith("(CPU backend).")
-  assert f"{os.cpu_count()} cores (cpu)" in line
+  assert ", 1 cores (cpu)" in line
 
 
 def test_rss_growth_is_measured_in_a_fresh_process():

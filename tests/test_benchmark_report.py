@@ -143,15 +143,17 @@ def test_exact_memory_writes_its_table_and_csv_to_a_relative_out(tmp_path, monke
   assert [line.split(",")[1] for line in lines[1:]][::2] == ["softmax", "memory_efficient"]
 
 
-def test_device_name_forms():
+def test_device_name_forms(monkeypatch):
   gpu = {"device_kind": "NVIDIA H200", "platform": "gpu", "num_devices": 2}
   assert report.device_name(info=gpu) == "NVIDIA H200 (gpu)"
   assert report.device_name(count=True, info=gpu) == "NVIDIA H200 (gpu, 2 device(s))"
   assert report.device_name(cpu=True, info=gpu) == "NVIDIA H200 (gpu, 2 device(s))"
   cpu = {"device_kind": "cpu", "platform": "cpu", "num_devices": 8}
   assert report.device_name(info=cpu) == "cpu (cpu)"
+  # The cores are those this process may use (taskset), not all the machine's.
+  monkeypatch.setattr(report.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
   named = report.device_name(cpu=True, info=cpu)
-  assert named.startswith("CPU ") and named.endswith(f", {os.cpu_count()} cores (cpu)")
+  assert named.startswith("CPU ") and named.endswith(", 3 cores (cpu)")
   # This process: the tests' fake 8-device CPU platform.
   assert report.device_info() == {"device_kind": "cpu", "platform": "cpu", "num_devices": 8}
   assert report.device_line(count=True) == f"Device: cpu (cpu, 8 device(s)), jax {jax.__version__}."

@@ -12,8 +12,9 @@ numpy: the same values on both sides. Each side is warmed up once (JAX compiles)
 --repeats rounds alternate them, the order reversed every other round (ours, peer, peer,
 ours, ...: ABBA), so a drifting load slows both alike, each call after a short pause
 (PAUSE_S) in which the other side's worker threads go idle. The table gives each side's
-median and ratio = median(ours) / median(peer): above 1, ours is slower. torch runs with
-os.cpu_count() threads, as many as JAX's CPU client uses; both run on the CPU. Run it on an
+median and ratio = median(ours) / median(peer): above 1, ours is slower. torch runs with one
+thread per CPU this process may use (its affinity: `taskset -c 0` gives both sides one), as
+many as JAX's CPU client uses; both run on the CPU. Run it on an
 otherwise idle machine: under contention torch's OpenMP threads stall at their barriers far
 more than XLA's pool does (seen on a shared 2-core machine: 10x swings of the torch side
 only), which biases the ratios in our favour.
@@ -632,12 +633,12 @@ def dry_run(rows: Sequence[Row], length: int, *, dtype: str, seed: int) -> list[
 
 
 def setup_torch() -> str | None:
-  """torch's version with its threads set to os.cpu_count(); None if it does not import."""
+  """torch's version with one thread per usable CPU; None if it does not import."""
   try:
     import torch
   except Exception:  # noqa: BLE001 - its peers say why.
     return None
-  torch.set_num_threads(os.cpu_count() or 1)
+  torch.set_num_threads(report.usable_cpus())
   return torch.__version__
 
 
@@ -724,7 +725,7 @@ def benchmark(
   out = report.prepare_out(args.out)  # After the flags: a bad flag writes nothing.
   selected = [rows[r] for r in wanted]
   torch_version = setup_torch()
-  threads = os.cpu_count()
+  threads = report.usable_cpus()
   if args.dry_run:
     lines = dry_run(selected, min(lengths), dtype=args.dtype, seed=args.seed)
     print("\n".join(lines))
@@ -735,7 +736,7 @@ def benchmark(
   results = run(selected, lengths, dtype=args.dtype, seed=args.seed, timer=timer)
   found = versions(selected)
   torch_line = (
-    f"torch {torch_version} with {threads} threads (os.cpu_count(), as JAX's CPU client)"
+    f"torch {torch_version} with {threads} threads (one per usable CPU, as JAX's CPU client)"
     if torch_version
     else "torch not installed"
   )

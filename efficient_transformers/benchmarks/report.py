@@ -146,6 +146,17 @@ def cpu_model() -> str:
   )
 
 
+def usable_cpus() -> int:
+  """The CPUs this process may run on (its affinity, e.g. under `taskset`).
+
+  As many threads as JAX's CPU client starts; os.cpu_count() where affinity is unknown.
+  """
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    return os.cpu_count() or 1
+
+
 def device_name(*, count: bool = False, cpu: bool = False, info: Mapping | None = None) -> str:
   """The device as a table names it: `KIND (PLATFORM)`, e.g. `NVIDIA H100 (gpu)`.
 
@@ -157,7 +168,7 @@ def device_name(*, count: bool = False, cpu: bool = False, info: Mapping | None 
   """
   info = info or device_info()
   if cpu and info["platform"] == "cpu":
-    return f"CPU {cpu_model() or 'unknown model'}, {os.cpu_count()} cores (cpu)"
+    return f"CPU {cpu_model() or 'unknown model'}, {usable_cpus()} cores (cpu)"
   devices = f", {info['num_devices']} device(s)" if count or cpu else ""
   return f"{info['device_kind']} ({info['platform']}{devices})"
 
