@@ -110,6 +110,7 @@ def test_grid_resumes_a_stopped_cell_and_records_a_failed_one(grid):
   assert record["best_val_accuracy"] == max(val.values())
   assert record["steps_per_sec"] > 0 and record["memory_mib"] > 0 and record["wall_s"] > 0
   assert record["device_kind"] and record["num_params"] > 0
+  assert record["device_name"].endswith(" cores (cpu)"), record["device_name"]
   failed = json.loads((root / "listops" / "local" / "failed.json").read_text())
   assert "block_size=1000 is larger than the sequence length" in failed["error"]
   assert "traceback" not in failed  # A UserError: its message alone.
@@ -163,7 +164,7 @@ def test_results_table_csv_and_plot(grid):
     f"{acc['pathfinder', 'softmax']:.2f} (71.40) | {soft_avg:.2f} ({(36.37 + 71.40) / 2:.2f}) |"
   )
   softmax = _cell(root, "listops", "softmax")
-  assert f"Device: {softmax['device_kind']} (" in md
+  assert f"Device: {softmax['device_name']}." in md
   assert "block_size=1000 is larger" in md  # The failed cell's error in the per-cell table.
   with open(root / "results.csv") as f:
     table = list(csv.DictReader(f))
@@ -291,6 +292,11 @@ def test_table_averages_lra_tasks_and_maps_published_names():
   )
   assert "a \\| b" in md  # Escaped in the per-cell table.
   assert "Device: TPU v3 (tpu, 16 device(s))." in md
+  # A cell that names its machine (a CPU by model and cores) is named so, beside the others.
+  named = dict(done("text", "linear", 0.5), device_name="CPU Some EPYC, 2 cores (cpu)")
+  assert "Device: CPU Some EPYC, 2 cores (cpu); TPU v3 (tpu, 16 device(s))." in (
+    lra_report.markdown([*cells, named])
+  )
   assert lra.median_steps_per_sec(
     [{"split": "train", "steps_per_sec": s} for s in (1.0, 5.0, 3.0, 4.0)]
     + [{"split": "validation", "accuracy": 0.5}]

@@ -56,6 +56,7 @@ import ml_collections
 from etils import epath
 
 from efficient_transformers import attention, paths
+from efficient_transformers.benchmarks import report
 from efficient_transformers.benchmarks.lra_report import (
   AVERAGED_TASKS,
   SPT_SUFFIX,
@@ -277,6 +278,7 @@ def compiled_train_memory(config: ml_collections.ConfigDict) -> dict:
 
 def _device() -> dict:
   return {
+    "device_name": report.device_name(cpu=True),  # A CPU by its model and cores.
     "device_kind": jax.devices()[0].device_kind,
     "platform": jax.default_backend(),
     "num_devices": jax.device_count(),

@@ -205,7 +205,8 @@ def _md_escape(text: str) -> str:
 
 def _devices_text(cells: list[dict]) -> str:
   kinds = {
-    f"{c['device_kind']} ({c.get('platform', '?')}, {c.get('num_devices', '?')} device(s))"
+    c.get("device_name")
+    or f"{c['device_kind']} ({c.get('platform', '?')}, {c.get('num_devices', '?')} device(s))"
     for c in cells
     if c.get("status") == "finished" and "device_kind" in c
   }
