@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from efficient_transformers.benchmarks import decoding as bench
+from efficient_transformers.benchmarks import report
 
 TINY_FLAGS = [
   "--contexts=16,64",
@@ -40,7 +41,7 @@ def test_rows_per_mixer_and_context(tiny_run):
     (m, c) for m in ("lru", "linear", "softmax") for c in (16, 64)
   ]
   text = (out / "decoding.md").read_text()
-  assert "Device: cpu (cpu)" in text and "1 layers, 16 wide, 2 heads, MLP 32" in text
+  assert report.device_line(cpu=True) in text and "1 layers, 16 wide, 2 heads, MLP 32" in text
   for r in rows[:4]:
     assert float(r["speedup"]) == pytest.approx(float(r["recompute_s"]) / float(r["step_s"]))
     assert float(r["score_tps"]) == pytest.approx(int(r["context"]) / float(r["score_s"]))

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from efficient_transformers.benchmarks import memory as bench
+from efficient_transformers.benchmarks import report
 
 # Tiny sizes: 1 layer, 16 wide; contexts 32 and 64; footprint at C = 64 with segments of 16.
 SIZES = dict(num_layers=1, emb_dim=16, num_heads=2, mlp_dim=32)
@@ -46,7 +47,7 @@ def test_main_writes_both_tables(tiny_run):
   for name in ("memory_speed", "memory_footprint"):
     assert (out / f"{name}.csv").stat().st_size > 0
     text = (out / f"{name}.md").read_text()
-    assert "Device: cpu (cpu)" in text and "1 layers, 16 wide, 2 heads, MLP 32" in text
+    assert report.device_line(cpu=True) in text and "1 layers, 16 wide, 2 heads, MLP 32" in text
   assert "| 64 | 1 |" in (out / "memory_speed.md").read_text()
   assert "| compressive | 16 | 24 | 6 |" in (out / "memory_footprint.md").read_text()
 

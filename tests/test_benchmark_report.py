@@ -136,7 +136,7 @@ def test_exact_memory_writes_its_table_and_csv_to_a_relative_out(tmp_path, monke
   assert exact_memory.main(flags) == 0
   text = (tmp_path / "rel" / "exact_memory.md").read_text()
   assert text == capsys.readouterr().out.split("\n\nwrote ")[0] + "\n"
-  assert f"{report.device_line()} Shape: batch 1" in text
+  assert f"{report.device_line(cpu=True)} Shape: batch 1" in text
   assert "| L | attention | temp MiB | temp vs softmax | arguments MiB | compile s |" in text
   lines = (tmp_path / "rel" / "exact_memory.csv").read_text().splitlines()
   assert lines[0] == ",".join(exact_memory.CSV_KEYS) and len(lines) == 1 + 3

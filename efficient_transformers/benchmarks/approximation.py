@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"randomness. random: Gaussian q, k, v, batch {args.batch}, {args.heads} heads of "
     f"{args.head_dim}."
     + (f" trained: the first layer of {args.workdir} ({args.config})." if args.config else "")
-    + f" {report.device_line()}"
+    + f" {report.device_line(cpu=True)}"
   )
   table = report.markdown_table(rows, COLUMNS, header)
   print(table)

@@ -316,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   rows = with_ratios(rows)
   header = (
     f"Attention step (forward + backward), LRA Text model ({args.num_layers} layers), "
-    f"batch {args.batch}, {args.dtype}. {report.device_line(count=True)} "
+    f"batch {args.batch}, {args.dtype}. {report.device_line(cpu=True)} "
     "Memory: compiled temporaries + arguments; "
     f"time: median of {args.steps} steps, measured up to L={args.time_max_length}."
   )
@@ -328,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if out:
     report.write_tables(out, "attention", table, rows, CSV_KEYS)
     with paths.writing(f"--out={out}"):
-      plot(rows, out / "attention.png", f"{report.device_name()}, batch {args.batch}, {args.dtype}")
+      title = f"{report.device_name(cpu=True)}, batch {args.batch}, {args.dtype}"
+      plot(rows, out / "attention.png", title)
   return 0
 
 

@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"Decoding one token: O(1)-state step vs recomputing the context. DecoderLM "
     f"{args.num_layers} layers, {args.emb_dim} wide, {args.num_heads} heads, MLP "
     f"{args.mlp_dim}, memory='none', positions 'none'; batch {args.batch}, float32. "
-    f"{report.device_line()}"
+    f"{report.device_line(cpu=True)}"
   )
   table = report.markdown_table(rows, COLUMNS, header, NOTES, error_column=2)
   print(table)

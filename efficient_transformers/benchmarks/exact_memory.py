@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     key_chunk_size=args.key_chunk_size,
   )
   header = (
-    f"Exact attention, forward+backward compiled temp memory. {report.device_line()} "
+    f"Exact attention, forward+backward compiled temp memory. {report.device_line(cpu=True)} "
     f"Shape: batch {args.batch}, heads {args.heads}, head_dim {args.head_dim}, {dtype.name}, "
     f"causal={args.causal}, memory_efficient chunks {args.query_chunk_size}x{args.key_chunk_size}."
   )

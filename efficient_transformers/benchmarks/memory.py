@@ -360,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   )
   setting = (
     f"DecoderLM {args.num_layers} layers, {args.emb_dim} wide, {args.num_heads} heads, "
-    f"MLP {args.mlp_dim}; batch {args.batch}, float32. {report.device_line()}"
+    f"MLP {args.mlp_dim}; batch {args.batch}, float32. {report.device_line(cpu=True)}"
   )
   speed_table = report.markdown_table(
     speed,

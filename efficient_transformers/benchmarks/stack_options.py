@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"Causal Stack, {args.attention} attention, {args.features} wide, {args.num_heads} heads, "
     f"MLP {args.mlp_dim}; batch {args.batch}, length {args.length}, float32; "
     "value_and_grad of sum(stack(x)**2) w.r.t. params and x, compiled only. "
-    f"{report.device_line()}"
+    f"{report.device_line(cpu=True)}"
   )
   reversible_table = report.markdown_table(
     reversible,
